@@ -1,0 +1,77 @@
+"""Greedy decoding for the three modes, batched with left padding, through Hugging Face `generate`.
+
+- no-CoT: a plain decoder answers after the prompt and stops at the first EOS;
+- explicit CoT: the teacher writes the CoT, a separator and the answer: it stops after two EOS;
+- implicit CoT: one emulator pass over the prompt, then the student decodes with the states
+  injected on the prompt pass only (they persist through the KV cache); it stops at the first EOS.
+`synced` keeps every rank stepping until all are done (needed under ZeRO-3, where each forward is a
+collective).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from icot.models.coupled import CoupledModel
+
+
+class StopAfterSeparators(StoppingCriteria):
+    """A row is done once it has generated `count` separators."""
+
+    def __init__(self, separator_id: int, count: int, prompt_length: int):
+        self.separator_id = separator_id
+        self.count = count
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        generated = input_ids[:, self.prompt_length:]
+        return (generated == self.separator_id).sum(dim=1) >= self.count
+
+
+def truncate_after_separators(new_tokens: torch.Tensor, separator_id: int, count: int) -> list[list[int]]:
+    """Each row's generated ids up to and including its `count`-th separator."""
+    rows = []
+    for row in new_tokens.tolist():
+        seen = 0
+        for index, token in enumerate(row):
+            if token == separator_id:
+                seen += 1
+                if seen == count:
+                    row = row[: index + 1]
+                    break
+        rows.append(row)
+    return rows
+
+
+def greedy_decode(decoder: nn.Module, batch: dict[str, torch.Tensor], separator_id: int, separators: int,
+                  max_new_tokens: int, synced: bool = False) -> list[list[int]]:
+    """Greedy decoding from a left-padded prompt batch until `separators` new separators per row."""
+    prompt_length = batch["input_ids"].size(1)
+    stop = StopAfterSeparators(separator_id, separators, prompt_length)
+    output = decoder.generate(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+        eos_token_id=None, pad_token_id=separator_id, stopping_criteria=StoppingCriteriaList([stop]),
+        synced_gpus=synced)
+    return truncate_after_separators(output[:, prompt_length:], separator_id, separators)
+
+
+@torch.no_grad()
+def generate_no_cot(decoder: nn.Module, batch, separator_id: int, max_new_tokens: int, synced: bool = False):
+    return greedy_decode(decoder, batch, separator_id, 1, max_new_tokens, synced)
+
+
+@torch.no_grad()
+def generate_explicit(teacher: nn.Module, batch, separator_id: int, max_new_tokens: int, synced: bool = False):
+    return greedy_decode(teacher, batch, separator_id, 2, max_new_tokens, synced)
+
+
+@torch.no_grad()
+def generate_implicit(model: CoupledModel, batch, separator_id: int, max_new_tokens: int,
+                      synced: bool = False):
+    states = model.emulator(batch["input_ids"], batch["attention_mask"], batch["first_sep"],
+                            position_ids=batch.get("position_ids")).states
+    with model.student.injection(states, batch["first_sep"], prompt_pass_only=True):
+        return greedy_decode(model.student.decoder, batch, separator_id, 1, max_new_tokens, synced)
