@@ -1,0 +1,92 @@
+"""Batches of the sequence views (see `icot.data.views`) for training and for generation.
+
+Features are dicts with `cot_ids`, `nocot_ids` (lists or 1-d tensors) and `prompt_len`.
+Training batches are right padded with the pad id (EOS in the paper's setting): separator positions
+are found by counting, so padding with the separator itself is harmless. Generation batches are left
+padded so that every prompt ends in the last column, where generation continues.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from icot.data.views import separator_positions
+
+VIEWS = ("cot", "nocot", "prompt")
+IGNORE_INDEX = -100
+
+
+def view_ids(feature: dict, view: str) -> list[int]:
+    """The token ids of one feature in `view`; the prompt is the without-CoT prefix through the first separator."""
+    if view == "cot":
+        return as_list(feature["cot_ids"])
+    nocot_ids = as_list(feature["nocot_ids"])
+    if view == "nocot":
+        return nocot_ids
+    if view == "prompt":
+        return nocot_ids[: int(feature["prompt_len"])]
+    raise ValueError(f"unknown view {view!r}: expected one of {', '.join(VIEWS)}")
+
+
+def as_list(ids) -> list[int]:
+    return ids.tolist() if hasattr(ids, "tolist") else list(ids)
+
+
+def collate_train(features: Sequence[dict], view: str, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded `input_ids`, `attention_mask`, `labels`, `first_sep` and (except for prompts) `second_sep`.
+
+    Labels are -100 up to and including the first separator and on padding, so the loss covers
+    everything after the first separator through the final EOS (CoT and answer, or the answer alone).
+    `second_sep` is the end of the CoT in the cot view and the final EOS in the nocot view.
+    """
+    sequences = [view_ids(feature, view) for feature in features]
+    prompt_lens = [int(feature["prompt_len"]) for feature in features]
+    batch_size, width = len(sequences), max(len(ids) for ids in sequences)
+    input_ids = torch.full((batch_size, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch_size, width), dtype=torch.long)
+    labels = torch.full((batch_size, width), IGNORE_INDEX, dtype=torch.long)
+    for row, (ids, prompt_len) in enumerate(zip(sequences, prompt_lens)):
+        length = len(ids)
+        input_ids[row, :length] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, :length] = 1
+        labels[row, prompt_len:length] = input_ids[row, prompt_len:length]
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "first_sep": torch.tensor([prompt_len - 1 for prompt_len in prompt_lens], dtype=torch.long),
+    }
+    if view != "prompt":
+        batch["second_sep"] = torch.tensor(
+            [second_separator(ids, prompt_len) for ids, prompt_len in zip(sequences, prompt_lens)], dtype=torch.long)
+    return batch
+
+
+def second_separator(ids: list[int], prompt_len: int) -> int:
+    """Position of the second separator; the separator is whatever token ends the prompt."""
+    return separator_positions(ids, ids[prompt_len - 1], 2)[1]
+
+
+def collate_generate(features: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded prompts: `input_ids`, `attention_mask`, `position_ids` and `first_sep` (the last column).
+
+    Positions count real tokens only (cumsum of the mask minus one) so that a padded prompt sees
+    the same positions as the unpadded one; padding positions are 1, as transformers' generate sets them.
+    """
+    prompts = [view_ids(feature, "prompt") for feature in features]
+    batch_size, width = len(prompts), max(len(ids) for ids in prompts)
+    input_ids = torch.full((batch_size, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch_size, width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, width - len(ids):] = 1
+    position_ids = attention_mask.cumsum(dim=-1) - 1
+    position_ids.masked_fill_(attention_mask == 0, 1)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "first_sep": torch.full((batch_size,), width - 1, dtype=torch.long),
+    }

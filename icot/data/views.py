@@ -1,0 +1,232 @@
+"""The three token-id views of an example, in the paper's GPT-2 sequence format.
+
+With the separator `<sep>` (the tokenizer's EOS unless overridden):
+
+- with CoT (teacher):        ` {question} <sep> {cot} <sep> #### {answer} <sep>`
+- without CoT (student):     ` {question} <sep> #### {answer} <sep>`
+- input only (prompt):       the without-CoT ids up to and including the first separator.
+
+The prompt is cut from the ids rather than tokenized on its own, so it is exactly the prefix the
+models were trained on. Every encoded example is checked: both views share that prefix, each holds
+the expected number of separators and ends with one, and `####` survives tokenization.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from icot.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+ANSWER_MARKER = "####"
+COT_VIEW_SEPARATORS = 3
+NOCOT_VIEW_SEPARATORS = 2
+OVERLENGTH_POLICIES = ("drop", "error")
+# Bump when the sequence format or the checks change, so cached tokenizations are not reused.
+FORMAT_VERSION = "icot-views-1"
+
+
+class SequenceFormatError(UserError):
+    """An example whose views do not tokenize into the sequence format (names tokenizer and example)."""
+
+
+def with_cot_text(question: str, cot: str, answer: str, separator: str) -> str:
+    return f" {question} {separator} {cot} {separator} {ANSWER_MARKER} {answer} {separator}"
+
+
+def without_cot_text(question: str, answer: str, separator: str) -> str:
+    return f" {question} {separator} {ANSWER_MARKER} {answer} {separator}"
+
+
+def resolve_separator(tokenizer, separator_id: int | None = None) -> tuple[int, str]:
+    """The separator's id and the token text that the views write for it."""
+    if separator_id is None:
+        separator_id = tokenizer.eos_token_id
+        if separator_id is None:
+            raise UserError(f"{describe_tokenizer(tokenizer)} has no EOS token to use as separator; "
+                            "pass separator_id")
+    return separator_id, tokenizer.convert_ids_to_tokens(separator_id)
+
+
+def separator_positions(ids, separator_id: int, count: int) -> list[int]:
+    """Positions of the first `count` occurrences of the separator.
+
+    Counting occurrences (instead of taking the last one) keeps right padding with EOS harmless.
+    """
+    ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+    positions: list[int] = []
+    start = 0
+    for _ in range(count):
+        try:
+            position = ids.index(separator_id, start)
+        except ValueError:
+            raise ValueError(f"expected {count} separators (id {separator_id}), found {len(positions)}") from None
+        positions.append(position)
+        start = position + 1
+    return positions
+
+
+def encode_example(tokenizer, question: str, cot: str, answer: str, separator_id: int | None = None) -> dict:
+    """`cot_ids`, `nocot_ids` and `prompt_len` (index of the first separator + 1) of one example."""
+    batch = encode_batch(tokenizer, [question], [cot], [answer], separator_id)
+    return {key: values[0] for key, values in batch.items()}
+
+
+def encode_batch(tokenizer, questions: Sequence[str], cots: Sequence[str], answers: Sequence[str],
+                 separator_id: int | None = None) -> dict[str, list]:
+    """Column-wise `encode_example`: one tokenizer call per view for the whole batch."""
+    separator_id, separator = resolve_separator(tokenizer, separator_id)
+    cot_texts = [with_cot_text(q, c, a, separator) for q, c, a in zip(questions, cots, answers)]
+    nocot_texts = [without_cot_text(q, a, separator) for q, a in zip(questions, answers)]
+    cot_ids = tokenizer(cot_texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    nocot_ids = tokenizer(nocot_texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    prompt_lens = []
+    for question, with_cot, without_cot in zip(questions, cot_ids, nocot_ids):
+        problem = view_problem(with_cot, without_cot, separator_id)
+        if problem:
+            raise format_error(tokenizer, question, problem, separator_id)
+        prompt_lens.append(without_cot.index(separator_id) + 1)
+    check_answer_marker(tokenizer, questions, nocot_ids, prompt_lens, separator_id)
+    return {"cot_ids": cot_ids, "nocot_ids": nocot_ids, "prompt_len": prompt_lens}
+
+
+def view_problem(cot_ids: list[int], nocot_ids: list[int], separator_id: int) -> str | None:
+    """What is wrong with one example's two views, or None."""
+    for name, ids, expected in (("with-CoT", cot_ids, COT_VIEW_SEPARATORS),
+                                ("without-CoT", nocot_ids, NOCOT_VIEW_SEPARATORS)):
+        found = ids.count(separator_id)
+        if found != expected:
+            return f"the {name} view has {found} separators, expected {expected}"
+        if ids[-1] != separator_id:
+            return f"the {name} view does not end with the separator"
+    prompt_len = nocot_ids.index(separator_id) + 1
+    if cot_ids[:prompt_len] != nocot_ids[:prompt_len]:
+        return "the with-CoT and without-CoT views do not share the prompt prefix"
+    return None
+
+
+def check_answer_marker(tokenizer, questions: Sequence[str], nocot_ids: Sequence[list[int]],
+                        prompt_lens: Sequence[int], separator_id: int) -> None:
+    """The answer segment must decode to text starting with `####`; fails where it became `<unk>` or lost characters."""
+    answer_segments = [ids[prompt_len:-1] for ids, prompt_len in zip(nocot_ids, prompt_lens)]
+    decoded = tokenizer.batch_decode(answer_segments)
+    for question, text in zip(questions, decoded):
+        if not text.lstrip().startswith(ANSWER_MARKER):
+            raise format_error(tokenizer, question, f"{ANSWER_MARKER!r} does not survive tokenization: the answer "
+                               f"segment decodes to {text!r}", separator_id)
+
+
+def format_error(tokenizer, question: str, problem: str, separator_id: int) -> SequenceFormatError:
+    return SequenceFormatError(f"{describe_tokenizer(tokenizer)} (separator id {separator_id}), "
+                               f"example {shorten(question)!r}: {problem}")
+
+
+def describe_tokenizer(tokenizer) -> str:
+    name = getattr(tokenizer, "name_or_path", "") or "built in memory"
+    return f"tokenizer {type(tokenizer).__name__} ({name}, {len(tokenizer)} tokens)"
+
+
+def shorten(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def tokenize_dataset(dataset, tokenizer, num_proc: int = 1, max_length: int | None = None,
+                     cache_dir: str | os.PathLike | None = None, separator_id: int | None = None,
+                     on_overlength: str = "drop"):
+    """Encode a (question, cot, answer) `datasets.Dataset` into columns cot_ids, nocot_ids, prompt_len, answer.
+
+    Runs `Dataset.map` (batched, `num_proc` processes) under a fingerprint computed from the dataset,
+    the tokenizer's full definition and these settings, so a second run loads the cached result: from
+    `cache_dir` when given, else beside the dataset's own cache files (an in-memory dataset without
+    `cache_dir` is not cached). Examples whose with-CoT view exceeds `max_length` tokens are dropped
+    (counted in a warning) or, with `on_overlength="error"`, stop the run. `answer` stays a string
+    for exact match.
+    """
+    if on_overlength not in OVERLENGTH_POLICIES:
+        raise UserError(f"on_overlength must be one of {OVERLENGTH_POLICIES}, got {on_overlength!r}")
+    separator_id, _ = resolve_separator(tokenizer, separator_id)
+    settings = {"separator_id": separator_id, "max_length": max_length, "on_overlength": on_overlength}
+    fingerprint = tokenized_fingerprint(dataset, tokenizer, settings)
+    tokenized = dataset.map(
+        encode_rows,
+        batched=True,
+        num_proc=num_proc if num_proc > 1 else None,
+        fn_kwargs={"tokenizer": tokenizer, **settings},
+        remove_columns=dataset.column_names,
+        features=tokenized_features(),
+        new_fingerprint=fingerprint,
+        cache_file_name=cache_file_name(cache_dir, fingerprint),
+        desc="tokenizing",
+    )
+    dropped = len(dataset) - len(tokenized)
+    if dropped:
+        logger.warning("dropped %d of %d examples longer than %d tokens (with-CoT view)",
+                       dropped, len(dataset), max_length)
+    return tokenized
+
+
+def encode_rows(batch: dict[str, list], tokenizer, separator_id: int, max_length: int | None,
+                on_overlength: str) -> dict[str, list]:
+    """The `Dataset.map` function: encode a batch and apply the length limit."""
+    encoded = encode_batch(tokenizer, batch["question"], batch["cot"], batch["answer"], separator_id)
+    encoded["answer"] = list(batch["answer"])
+    if max_length is None:
+        return encoded
+    keep = [len(ids) <= max_length for ids in encoded["cot_ids"]]
+    if on_overlength == "error" and not all(keep):
+        index = keep.index(False)
+        raise format_error(tokenizer, batch["question"][index],
+                           f"the with-CoT view has {len(encoded['cot_ids'][index])} tokens, "
+                           f"more than max_length={max_length}", separator_id)
+    return {key: [value for value, kept in zip(values, keep) if kept] for key, values in encoded.items()}
+
+
+def tokenized_features():
+    from datasets import Features, List, Value
+
+    return Features({"cot_ids": List(Value("int32")), "nocot_ids": List(Value("int32")),
+                     "prompt_len": Value("int32"), "answer": Value("string")})
+
+
+def tokenized_fingerprint(dataset, tokenizer, settings: dict) -> str:
+    """Identifies a tokenization: input data, tokenizer definition, settings and format version.
+
+    Computed here rather than by `datasets`' function hashing, whose hash of a tokenizer object can
+    change after the tokenizer has been used.
+    """
+    from datasets.fingerprint import Hasher
+
+    hasher = Hasher()
+    hasher.update(FORMAT_VERSION)
+    hasher.update(dataset._fingerprint)
+    hasher.update(tokenizer_definition(tokenizer))
+    hasher.update(sorted(settings.items()))
+    return hasher.hexdigest()
+
+
+def tokenizer_definition(tokenizer) -> str:
+    """Everything that decides a tokenizer's ids: its class, its special tokens and its full backend."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        # Padding and truncation are call-time state that transformers writes into the backend.
+        definition = json.loads(backend.to_str())
+        definition.pop("padding", None)
+        definition.pop("truncation", None)
+        body = json.dumps(definition, sort_keys=True)
+    else:
+        from datasets.fingerprint import Hasher
+
+        body = Hasher.hash(tokenizer)
+    return f"{type(tokenizer).__name__}|{tokenizer.eos_token_id}|{tokenizer.pad_token_id}|{body}"
+
+
+def cache_file_name(cache_dir: str | os.PathLike | None, fingerprint: str) -> str | None:
+    if cache_dir is None:
+        return None
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    return str(Path(cache_dir) / f"tokenized-{fingerprint}.arrow")

@@ -1,0 +1,441 @@
+"""The one object that owns DeepSpeed: configs, engines, steps, checkpoints, collectives.
+
+Trainers build models and losses; everything DeepSpeed-specific goes through `Strategy` (the role
+OpenRLHF gives its strategy). DeepSpeed is imported inside functions, so the pure parts (filling a
+config, the LR schedule) import and test without it.
+
+DeepSpeed configs are small JSON templates in `ds_configs/` without batch sizes, optimizer or
+precision: `build_ds_config` fills those from `TrainConfig` and the world size, and refuses to leave any
+`"auto"` behind (plain DeepSpeed, unlike the Hugging Face Trainer, never fills them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import socket
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import torch
+
+from icot.config import TrainConfig
+from icot.errors import UserError
+
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+STEPS_PER_PRINT = 1_000_000_000  # DeepSpeed's own step log is noise; the training loop logs
+CLIENT_KEY = "icot_client_state"
+
+
+# --------------------------------------------------------------------------------------------------
+# DeepSpeed config: template + TrainConfig + world size -> the resolved dict saved as ds_config.json.
+
+
+def template_path(train: TrainConfig, frozen: bool = False) -> Path:
+    """The template for a trainable engine (or a frozen one: ZeRO-3 only when training uses ZeRO-3)."""
+    if frozen:
+        return TEMPLATE_DIR / ("frozen_zero3.json" if train.zero_stage == 3 else "frozen_zero0.json")
+    if train.ds_config:
+        return _find_template(train.ds_config)
+    if train.offload and train.zero_stage < 2:
+        raise UserError(f"train.offload needs train.zero_stage 2 or 3, got {train.zero_stage}")
+    return TEMPLATE_DIR / f"zero{train.zero_stage}{'_offload' if train.offload else ''}.json"
+
+
+def _find_template(name_or_path: str) -> Path:
+    """A path, or the name of a shipped template (`zero2` or `zero2.json`)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = TEMPLATE_DIR / (path.name if path.suffix == ".json" else f"{path.name}.json")
+    if path.parent == Path(".") and shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in TEMPLATE_DIR.glob("*.json")))
+    raise UserError(f"train.ds_config: no file {name_or_path} (shipped templates: {names})")
+
+
+def load_template(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        template = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise UserError(f"cannot read DeepSpeed template {path}: {err.strerror}") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
+    if not isinstance(template, dict):
+        raise UserError(f"{path}: a DeepSpeed template must be a JSON object")
+    return template
+
+
+def batch_triple(train: TrainConfig, world_size: int) -> tuple[int, int, int]:
+    """(micro batch per rank, gradient accumulation steps, global batch), checked to multiply out."""
+    batch, micro = train.batch_size, train.micro_batch_size
+    if micro is None:
+        if batch % world_size:
+            raise UserError(f"train.batch_size={batch} is not divisible by the world size {world_size}; "
+                            f"set train.micro_batch_size")
+        return batch // world_size, 1, batch
+    per_step = micro * world_size
+    if batch % per_step:
+        raise UserError(f"train.batch_size={batch} must equal train.micro_batch_size ({micro}) x gradient "
+                        f"accumulation x world size ({world_size}), but {batch} is not a multiple of "
+                        f"{micro} x {world_size} = {per_step}")
+    return micro, batch // per_step, batch
+
+
+def build_ds_config(train: TrainConfig, world_size: int, template: str | Path | dict | None = None,
+                    frozen: bool = False) -> dict:
+    """Fill a template from `train`; `frozen` builds an inference config (no optimizer, no clipping)."""
+    if isinstance(template, dict):
+        cfg, source = copy.deepcopy(template), "DeepSpeed template"
+    else:
+        path = Path(template) if template is not None else template_path(train, frozen)
+        cfg, source = load_template(path), str(path)
+    if "scheduler" in cfg:
+        raise UserError(f"{source}: remove 'scheduler'; the LR schedule comes from train.schedule")
+
+    micro, accum, batch = batch_triple(train, world_size)
+    own = _Owner(cfg, source)
+    own("train_batch_size", batch, "train.batch_size")
+    own("train_micro_batch_size_per_gpu", micro, "train.micro_batch_size")
+    own("gradient_accumulation_steps", accum, "train.batch_size / (micro batch x world size)")
+    stage = (3 if train.zero_stage == 3 else 0) if frozen else train.zero_stage
+    own("zero_optimization.stage", stage, "train.zero_stage")
+    own("bf16.enabled", train.precision == "bf16", "train.precision")
+    own("fp16.enabled", train.precision == "fp16", "train.precision")
+    if not frozen:
+        own("optimizer.type", "AdamW", "icot (AdamW)")
+        own("optimizer.params.lr", train.lr, "train.lr")
+        own("optimizer.params.betas", list(train.betas), "train.betas")
+        own("optimizer.params.eps", train.eps, "train.eps")
+        # Decay on every parameter, as torch's AdamW default did in the paper's runs.
+        own("optimizer.params.weight_decay", train.weight_decay, "train.weight_decay")
+        own("gradient_clipping", train.grad_clip, "train.grad_clip")  # 0.0 is off in DeepSpeed
+    own.default("steps_per_print", STEPS_PER_PRINT)
+    own.default("wall_clock_breakdown", False)
+
+    leftover = find_auto(cfg)
+    if leftover:
+        raise UserError(f"{source}: \"auto\" left at {', '.join(leftover)}; plain DeepSpeed does not fill it, "
+                        f"set a value in the template")
+    return cfg
+
+
+class _Owner:
+    """Sets keys icot owns; a template may omit them or say "auto", but may not disagree."""
+
+    def __init__(self, cfg: dict, source: str):
+        self.cfg, self.source = cfg, source
+
+    def _parent(self, dotted: str) -> tuple[dict, str]:
+        *parents, leaf = dotted.split(".")
+        node = self.cfg
+        for i, part in enumerate(parents):
+            if node.get(part) in (None, "auto"):
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, dict):
+                raise UserError(f"{self.source}: {'.'.join(parents[:i + 1])} must be an object")
+        return node, leaf
+
+    def __call__(self, dotted: str, value: Any, owner: str) -> None:
+        node, leaf = self._parent(dotted)
+        current = node.get(leaf, "auto")
+        if current != "auto" and current != value:
+            raise UserError(f"{self.source}: {dotted} is {current!r} but {owner} gives {value!r}; "
+                            f"remove it from the template (or write \"auto\") and set {owner}")
+        node[leaf] = value
+
+    def default(self, dotted: str, value: Any) -> None:
+        node, leaf = self._parent(dotted)
+        if node.get(leaf, "auto") == "auto":
+            node[leaf] = value
+
+
+def find_auto(node: Any, prefix: str = "") -> list[str]:
+    """Dotted paths of every value still equal to "auto"."""
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in find_auto(v, f"{prefix}{k}.")]
+    if isinstance(node, list):
+        return [p for i, v in enumerate(node) for p in find_auto(v, f"{prefix}{i}.")]
+    return [prefix[:-1]] if node == "auto" else []
+
+
+# --------------------------------------------------------------------------------------------------
+# Learning-rate schedule: a torch LambdaLR handed to deepspeed.initialize. DeepSpeed's WarmupLR clamps
+# warmup to at least 2 steps and starts from warmup_min_lr, so "constant" would open with zero-LR steps.
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int | None) -> Callable[[int], float]:
+    """LR multiplier for optimizer step `step` (0-based): linear warmup, then constant/linear/cosine to 0."""
+    if schedule != "constant" and not total_steps:
+        raise UserError(f"train.schedule={schedule} needs the total number of optimizer steps")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)  # never 0: the first step already learns
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+# --------------------------------------------------------------------------------------------------
+# Distributed helpers.
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _single_process_env() -> None:
+    """Without torchrun, act as rank 0 of 1 (a free port, so parallel test runs do not collide)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def use_cpu() -> bool:
+    return os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available()
+
+
+class StepInfo(NamedTuple):
+    stepped: bool  # an optimizer step happened (the end of a gradient accumulation cycle)
+    grad_norm: float | None  # global gradient norm before clipping, when the step computed one
+
+
+class _ScopedZero3:
+    """What transformers reads through its global weak reference (`is_zero3()`, `config`), for when
+    `HfDeepSpeedConfig` cannot be built: in transformers 5.x it insists on `accelerate` being installed."""
+
+    def __init__(self, config: dict):
+        from transformers.integrations.deepspeed import set_hf_deepspeed_config
+
+        self.config = config
+        set_hf_deepspeed_config(self)
+
+    def is_zero3(self) -> bool:
+        return self.config.get("zero_optimization", {}).get("stage") == 3
+
+
+def _hf_zero3_scope(config: dict):
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig
+
+    try:
+        return HfDeepSpeedConfig(config)
+    except ImportError:  # PackageNotFoundError for accelerate is an ImportError
+        return _ScopedZero3(config)
+
+
+def _export_copy(state_dict: dict) -> dict:
+    """CPU fp32 copies of floating tensors, keeping tied weights tied."""
+    out, seen = {}, {}
+    for key, tensor in state_dict.items():
+        ident = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
+        if ident not in seen:
+            copy_ = tensor.detach().to("cpu", copy=True)
+            seen[ident] = copy_.float() if copy_.is_floating_point() else copy_
+        out[key] = seen[ident]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+class Strategy:
+    """Owns DeepSpeed for one stage: call `init_distributed()` first, on every rank."""
+
+    def __init__(self, train: TrainConfig):
+        self.train = train
+        self.rank, self.world_size, self.local_rank = 0, 1, 0
+        self.ds_config: dict | None = None  # resolved trainable config (saved as ds_config.json)
+        self.frozen_ds_config: dict | None = None
+
+    # -- process group ---------------------------------------------------------------------------
+
+    def init_distributed(self) -> "Strategy":
+        import deepspeed
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            _single_process_env()
+            if not use_cpu():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            deepspeed.init_distributed(dist_backend="gloo" if use_cpu() else "nccl", verbose=False)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.ds_config = build_ds_config(self.train, self.world_size)
+        self.frozen_ds_config = build_ds_config(self.train, self.world_size, frozen=True)
+        return self
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu") if use_cpu() else torch.device("cuda", self.local_rank)
+
+    @property
+    def micro_batch_size(self) -> int:
+        return batch_triple(self.train, self.world_size)[0]
+
+    @property
+    def gradient_accumulation(self) -> int:
+        return batch_triple(self.train, self.world_size)[1]
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+
+    def _all_reduce(self, values: dict[str, float], op: str) -> dict[str, float]:
+        """One collective for a whole dict of scalars; every rank must pass the same keys."""
+        import torch.distributed as dist
+
+        keys = sorted(values)
+        if self.world_size == 1 or not dist.is_initialized():
+            return {k: float(values[k]) for k in keys}
+        packed = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(packed, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return dict(zip(keys, packed.tolist()))
+
+    def all_reduce_mean(self, values: dict[str, float]) -> dict[str, float]:
+        return {k: v / self.world_size for k, v in self._all_reduce(values, "sum").items()}
+
+    def all_reduce_sum(self, values: dict[str, float]) -> dict[str, float]:
+        return self._all_reduce(values, "sum")
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when it is true on any (e.g. a stop signal that reached one rank)."""
+        return self._all_reduce({"flag": float(bool(flag))}, "max")["flag"] > 0
+
+    # -- engines ---------------------------------------------------------------------------------
+
+    def _require_init(self) -> None:
+        if self.ds_config is None:
+            raise RuntimeError("Strategy.init_distributed() must run first")
+
+    def prepare_trainable(self, model: torch.nn.Module, total_steps: int | None = None):
+        """One DeepSpeed engine (AdamW + LR schedule) for one independently optimised model."""
+        import deepspeed
+        from torch.optim.lr_scheduler import LambdaLR
+
+        self._require_init()
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise UserError(f"{type(model).__name__} has no trainable parameters; use prepare_frozen")
+        factor = lr_lambda(self.train.schedule, self.train.warmup_steps, total_steps)
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=params,
+                                          config=copy.deepcopy(self.ds_config),
+                                          lr_scheduler=lambda optimizer: LambdaLR(optimizer, factor))
+        engine.train()
+        return engine
+
+    def prepare_frozen(self, model: torch.nn.Module):
+        """An engine without optimizer for a frozen model (partitioned under ZeRO-3), in eval mode."""
+        import deepspeed
+
+        self._require_init()
+        model.eval()
+        model.requires_grad_(False)
+        engine, *_ = deepspeed.initialize(model=model, config=copy.deepcopy(self.frozen_ds_config))
+        engine.eval()
+        return engine
+
+    def load_pretrained_scoped(self, loader_fn: Callable[[], torch.nn.Module], ds_config: dict | None = None):
+        """Run `loader_fn` (e.g. `from_pretrained`) so that under ZeRO-3 the model is built partitioned.
+
+        transformers finds the DeepSpeed config through a global weak reference; the object behind it
+        lives only for this load, so no later, unrelated load is partitioned by accident. Pass
+        `frozen_ds_config` for a model that will go to `prepare_frozen`.
+        """
+        config = self.ds_config if ds_config is None else ds_config
+        if config is None or config.get("zero_optimization", {}).get("stage") != 3:
+            return loader_fn()
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        scope = _hf_zero3_scope(config)
+        try:
+            return loader_fn()
+        finally:
+            del scope
+            unset_hf_deepspeed_config()
+
+    load_pretrained = load_pretrained_scoped  # the shorter name the stage code uses
+
+    def gathered_params(self, module: torch.nn.Module, modify: bool = False):
+        """Full parameters inside the block under ZeRO-3 (a no-op otherwise); every rank must enter.
+
+        With `modify`, rank 0's in-place changes (e.g. loading a custom head) are broadcast on exit.
+        """
+        params = [p for p in module.parameters() if hasattr(p, "ds_id")]  # ZeRO-3 (engine or zero.Init)
+        if not params:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
+
+    # -- steps -----------------------------------------------------------------------------------
+
+    def backward_step(self, engine, loss: torch.Tensor) -> StepInfo:
+        """Backward one micro batch; the optimizer steps at the end of each accumulation cycle."""
+        boundary = engine.is_gradient_accumulation_boundary()
+        engine.backward(loss)
+        norm = None
+        if boundary and engine.zero_optimization_stage() == 0 and not (engine.fp16_enabled()
+                                                                       or engine.bfloat16_enabled()):
+            # DeepSpeed records no norm on its plain fp32 path; gradients are already all-reduced here.
+            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+            if grads:
+                norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        engine.step()
+        if not boundary:
+            return StepInfo(False, None)
+        if norm is None and engine.get_global_grad_norm() is not None:
+            norm = float(engine.get_global_grad_norm())
+        return StepInfo(True, norm)
+
+    def current_lr(self, engine) -> float:
+        """The learning rate the next optimizer step will use."""
+        return float(engine.get_lr()[0])
+
+    # -- checkpoints and export ------------------------------------------------------------------
+
+    def save_checkpoint(self, engine, ckpt_dir: str | Path, tag: str, client_state: dict | None = None) -> None:
+        """Save on EVERY rank: ZeRO shards are per rank and the save synchronises (rank 0 alone hangs)."""
+        # Under its own key: DeepSpeed hands back its bookkeeping (param_shapes, ds_config, ...) beside it.
+        engine.save_checkpoint(str(ckpt_dir), tag=str(tag), client_state={CLIENT_KEY: dict(client_state or {})})
+
+    def load_checkpoint(self, engine, ckpt_dir: str | Path, tag: str | None = None) -> dict | None:
+        """Restore weights, optimizer and LR schedule on every rank; the client state, or None when
+        there is no checkpoint (no `latest` file). Under ZeRO-3, load into a freshly built engine."""
+        ckpt_dir = Path(ckpt_dir)
+        if tag is None and not (ckpt_dir / "latest").is_file():
+            return None
+        if tag is not None and not (ckpt_dir / str(tag)).is_dir():
+            raise UserError(f"no checkpoint {ckpt_dir / str(tag)}")
+        path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=None if tag is None else str(tag))
+        if path is None:
+            raise UserError(f"could not load the checkpoint in {ckpt_dir}")
+        return client_state.get(CLIENT_KEY, {})
+
+    def state_dict_for_export(self, engine) -> dict | None:
+        """Full CPU fp32 weights on rank 0 (None elsewhere); call on every rank (ZeRO-3 gathers)."""
+        if engine.zero_optimization_partition_weights():
+            state_dict = engine._zero3_consolidated_16bit_state_dict()  # module dtype, despite the name
+        else:
+            state_dict = engine.module.state_dict() if self.is_main else None
+        return _export_copy(state_dict) if self.is_main else None

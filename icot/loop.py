@@ -1,0 +1,288 @@
+"""The one training loop, shared by every stage.
+
+Read top to bottom: set up (data order, engine, resume), then for every optimizer step: micro
+batches with accumulation, one all-reduced log record, validation, checkpoint, stop on a signal.
+Every collective (metrics, checkpoints, validation) runs on all ranks at the same step.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from icot.config import Paths, StageConfig
+from icot.errors import UserError
+from icot.stages.base import Stage
+
+CHECKPOINT_PREFIX = "step"
+
+
+class TrainingDiverged(UserError):
+    pass
+
+
+@dataclass
+class Progress:
+    step: int = 0          # optimizer steps done
+    examples: int = 0      # training examples consumed (all ranks)
+    tokens: int = 0        # non-padding tokens consumed (all ranks)
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 (SLURM preemption) ask for a checkpoint and a clean exit at the next step."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def batch_order(num_examples: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
+    """[steps, batch_size] example indices of one epoch: a seeded permutation, last partial batch dropped."""
+    permutation = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    steps = num_examples // batch_size
+    return permutation[: steps * batch_size].reshape(steps, batch_size)
+
+
+def micro_batch_indices(step_indices: np.ndarray, micro: int, accumulation: int, world: int, rank: int):
+    """This rank's micro batches of one optimizer step. Chunk c = a * world + rank, so the grouping of
+    examples into micro batches is the same for any split of the global batch across ranks."""
+    chunks = step_indices.reshape(accumulation * world, micro)
+    return [chunks[a * world + rank] for a in range(accumulation)]
+
+
+def total_steps(config: StageConfig, num_examples: int) -> tuple[int, int]:
+    """(optimizer steps in the run, steps per epoch)."""
+    per_epoch = num_examples // config.train.batch_size
+    if per_epoch == 0:
+        raise UserError(f"data.train: {num_examples} examples is fewer than one batch "
+                        f"(train.batch_size={config.train.batch_size})")
+    steps = config.train.max_steps if config.train.max_steps is not None else math.ceil(config.train.epochs * per_epoch)
+    return max(steps, 1), per_epoch
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+class Trainer:
+    def __init__(self, stage: Stage, config: StageConfig, strategy, paths: Paths, train_set, valid_set=None):
+        self.stage, self.config, self.strategy, self.paths = stage, config, strategy, paths
+        self.train_set, self.valid_set = train_set, valid_set
+        self.train_cfg = config.train
+        self.steps, self.steps_per_epoch = total_steps(config, len(train_set))
+        self.micro = strategy.micro_batch_size
+        self.accumulation = strategy.gradient_accumulation
+        self.progress = Progress()
+        self.writer = None
+
+    # -- set up ----------------------------------------------------------------------------------
+    def setup(self, model: torch.nn.Module) -> None:
+        self.engine = self.strategy.prepare_trainable(model, total_steps=self.steps)
+        resumed = self.resume()
+        if self.strategy.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # One writer, fixed folder; purge_step drops events an interrupted run wrote past its checkpoint.
+            self.writer = SummaryWriter(str(self.paths.tb), purge_step=self.progress.step + 1 if resumed else None)
+
+    def resume(self) -> bool:
+        mode = self.train_cfg.resume
+        if mode == "never":
+            return False
+        folder = self.paths.ckpt if mode == "auto" else Path(mode)
+        tag = latest_tag(folder)
+        if tag is None:
+            if mode != "auto":
+                raise UserError(f"train.resume: no checkpoint found in {folder}")
+            return False
+        client_state = self.strategy.load_checkpoint(self.engine, folder, tag)
+        self.progress = Progress(**client_state["progress"])
+        set_rng_state(torch.load(folder / tag / f"rng_rank{self.strategy.rank}.pt", weights_only=False))
+        self.log(f"resumed from {folder / tag} at step {self.progress.step}")
+        return True
+
+    # -- train -----------------------------------------------------------------------------------
+    def train(self) -> str:
+        """Run to the end or to a stop request; returns 'done' or 'preempted'."""
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.steps, initial=self.progress.step, disable=not self.strategy.is_main,
+                   desc=self.stage.name, dynamic_ncols=True)
+        window_start, window_tokens = time.perf_counter(), 0
+        with StopRequest() as stop:
+            while self.progress.step < self.steps:
+                record, tokens = self.optimizer_step()
+                window_tokens += tokens
+                step = self.progress.step
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+                if step % self.train_cfg.log_every == 0 or step == self.steps:
+                    elapsed = time.perf_counter() - window_start
+                    record["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
+                    self.write_scalars("train", record, step)
+                    self.log(f"step {step}/{self.steps} " + " ".join(f"{k} {v:.4g}" for k, v in record.items()))
+                    window_start, window_tokens = time.perf_counter(), 0
+                if self.train_cfg.eval_every and step % self.train_cfg.eval_every == 0 and step < self.steps:
+                    self.validate(step)
+                if self.train_cfg.save_every and step % self.train_cfg.save_every == 0 and step < self.steps:
+                    self.save_checkpoint()
+                if self.strategy.any_rank(stop.requested):
+                    self.save_checkpoint()
+                    bar.close()
+                    self.log(f"stop requested: checkpoint written at step {step}, exiting")
+                    return "preempted"
+        bar.close()
+        self.validate(self.progress.step)
+        self.save_checkpoint()
+        return "done"
+
+    def optimizer_step(self) -> tuple[dict[str, float], int]:
+        """One optimizer step over this rank's micro batches; returns the all-reduced record."""
+        step = self.progress.step
+        epoch = step // self.steps_per_epoch
+        order = batch_order(len(self.train_set), self.train_cfg.batch_size, self.train_cfg.seed, epoch)
+        indices = micro_batch_indices(order[step % self.steps_per_epoch], self.micro, self.accumulation,
+                                      self.strategy.world_size, self.strategy.rank)
+        sums: dict[str, float] = {}
+        tokens = 0
+        for micro_indices in indices:
+            features = self.train_set.select(micro_indices.tolist())
+            batch = self.stage.collate(list(features))
+            metrics = self.stage.loss(self.engine, batch)
+            info = self.strategy.backward_step(self.engine, metrics["loss"])
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + float(value.detach())
+            tokens += sum(int(view["attention_mask"].sum()) for view in batch.values())
+        record = self.strategy.all_reduce_mean({k: v / len(indices) for k, v in sums.items()})
+        if "label_tokens" in record:
+            record["token_accuracy"] = record.pop("correct_tokens") / max(record.pop("label_tokens"), 1e-9)
+        if not math.isfinite(record["loss"]):
+            raise TrainingDiverged(f"{self.stage.name}: loss is {record['loss']} at step {step + 1}; "
+                                   f"stopping (lower train.lr or enable train.grad_clip)")
+        record["lr"] = self.strategy.current_lr(self.engine)
+        if info.grad_norm is not None:
+            record["grad_norm"] = float(info.grad_norm)
+        self.progress.step += 1
+        self.progress.examples += self.train_cfg.batch_size
+        total_tokens = int(self.strategy.all_reduce_sum({"tokens": float(tokens)})["tokens"])
+        self.progress.tokens += total_tokens
+        return record, total_tokens
+
+    # -- validate --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self, step: int) -> dict[str, float] | None:
+        if self.valid_set is None or len(self.valid_set) == 0:
+            return None
+        from icot.evaluate import answers_match
+
+        model = self.engine
+        model.eval()
+        rank, world = self.strategy.rank, self.strategy.world_size
+        sums = {"loss": 0.0, "batches": 0.0, "correct_tokens": 0.0, "label_tokens": 0.0}
+        micro = self.micro
+        shard = list(range(rank, len(self.valid_set), world))
+        # Every rank runs the same number of batches (collectives under ZeRO-3 need it).
+        batches = math.ceil(math.ceil(len(self.valid_set) / world) / micro)
+        for b in range(batches):
+            rows = shard[b * micro:(b + 1) * micro] or shard[:1] or [0]
+            weight = 1.0 if shard[b * micro:(b + 1) * micro] else 0.0
+            features = list(self.valid_set.select(rows))
+            metrics = self.stage.loss(model, self.stage.collate(features))
+            sums["loss"] += weight * float(metrics["loss"])
+            sums["batches"] += weight
+            if "label_tokens" in metrics:
+                sums["correct_tokens"] += weight * float(metrics["correct_tokens"])
+                sums["label_tokens"] += weight * float(metrics["label_tokens"])
+        sums["exact"], sums["generated"] = 0.0, 0.0
+        if self.train_cfg.eval_examples and self.stage.generation_target is not None:
+            subset = list(range(min(self.train_cfg.eval_examples, len(self.valid_set))))
+            mine = subset[rank::world]
+            rounds = math.ceil(math.ceil(len(subset) / world) / micro)
+            for b in range(rounds):
+                rows = mine[b * micro:(b + 1) * micro]
+                features = list(self.valid_set.select(rows or subset[:1]))
+                generated = self.stage.generate(model, features, synced=world > 1)
+                if rows:
+                    sums["exact"] += sum(answers_match(self.stage.tokenizer, ids, f["answer"])
+                                         for ids, f in zip(generated, features))
+                    sums["generated"] += len(rows)
+        totals = self.strategy.all_reduce_sum(sums)
+        result = {"loss": totals["loss"] / max(totals["batches"], 1)}
+        if totals["label_tokens"]:
+            result["token_accuracy"] = totals["correct_tokens"] / totals["label_tokens"]
+        if totals["generated"]:
+            result["accuracy"] = totals["exact"] / totals["generated"]
+        model.train()
+        self.write_scalars("valid", result, step)
+        self.log(f"validation at step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in result.items()))
+        self.last_validation = result
+        return result
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        """On all ranks (DeepSpeed's save is a collective); keeps the last train.keep_last."""
+        tag = f"{CHECKPOINT_PREFIX}{self.progress.step:08d}"
+        folder = self.paths.ckpt
+        self.strategy.save_checkpoint(self.engine, folder, tag, client_state={"progress": asdict(self.progress)})
+        (folder / tag).mkdir(parents=True, exist_ok=True)
+        torch.save(rng_state(), folder / tag / f"rng_rank{self.strategy.rank}.pt")
+        self.strategy.barrier()
+        if self.strategy.is_main:
+            tags = sorted(p.name for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir())
+            for old in tags[: -self.train_cfg.keep_last]:
+                shutil.rmtree(folder / old, ignore_errors=True)
+        self.strategy.barrier()
+
+    # -- logging ---------------------------------------------------------------------------------
+    def write_scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(f"{prefix}/{key}", value, step)
+            self.writer.flush()
+
+    def log(self, message: str) -> None:
+        if self.strategy.is_main:
+            from tqdm import tqdm
+
+            tqdm.write(f"[icot {self.stage.name}] {message}")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def latest_tag(folder: Path) -> str | None:
+    """The newest complete checkpoint tag in `folder` (complete: every rank wrote its RNG file)."""
+    if not folder.is_dir():
+        return None
+    tags = sorted((p for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()), reverse=True)
+    for tag in tags:
+        if any(tag.glob("rng_rank*.pt")):
+            return tag.name
+    return None

@@ -1,0 +1,44 @@
+"""Thought emulation: an emulator predicts the teacher's diagonal states from the input alone.
+Trained: the emulator (decoder + MLPs, mixture, LSTM, attention). Frozen: the teacher.
+Loss: sum over layers and dimensions of squared error / 2 (+ mixture cross-entropy for `token`)."""
+
+from icot.models.emulator import Emulator
+from icot.models.io import load_component
+from icot.models.teacher_states import parse_delta, teacher_states
+from icot.stages.base import Stage, unwrap
+from icot.stages.common import fresh_decoder, prepare_decoder, stage_folder
+
+
+class EmulationStage(Stage):
+    name = "emulation"
+    views = ("cot", "prompt")
+
+    def inputs(self):
+        return {"teacher": stage_folder(self.config, "teacher")}
+
+    def build(self):
+        method = self.config.method
+        teacher_export = self.inputs()["teacher"] / "export"
+        self.delta = parse_delta(method.delta)
+        self.teacher = self.strategy.prepare_frozen(
+            self.strategy.load_pretrained(lambda: load_component(teacher_export, expect="decoder")))
+        if method.init_from_teacher:
+            decoder = prepare_decoder(self.strategy.load_pretrained(
+                lambda: load_component(teacher_export, expect="decoder")), self.config, dropout=0.0)
+        else:
+            decoder = fresh_decoder(self.config, self.tokenizer, dropout=0.0)
+        # `token`: one component per vocabulary token, supervised by the CoT token at t_l.
+        mixture_size = len(self.tokenizer) if method.mixture == "token" else 1
+        return Emulator(decoder, mixture_size=mixture_size, temperature=method.mixture_temperature)
+
+    def loss(self, model, batch):
+        cot, prompt = batch["cot"], batch["prompt"]
+        states, positions = teacher_states(unwrap(self.teacher), cot["input_ids"], cot["attention_mask"],
+                                           cot["first_sep"], cot["second_sep"], self.delta, return_positions=True)
+        emulator = unwrap(model)
+        targets = cot["input_ids"].gather(1, positions) if emulator.mixture_size > 1 else None
+        output = model(prompt["input_ids"], prompt["attention_mask"], prompt["first_sep"], mixture_targets=targets)
+        return emulator.loss(output, states, targets, self.config.method.mixture_loss_weight)
+
+    def export_extra(self):
+        return {"stage": self.name, "delta": self.delta}

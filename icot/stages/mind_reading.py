@@ -1,0 +1,55 @@
+"""Mind-reading the teacher: a student reads `input <sep>` and answers while, before every block l,
+its separator state is replaced by MLP_l of the teacher's normalised layer-l state on the diagonal.
+Trained: the student (decoder + MLPs), dropout off. Frozen: the teacher. Loss: answer cross-entropy."""
+
+import torch
+
+from icot.models.generation import greedy_decode
+from icot.models.io import load_component
+from icot.models.student import Student
+from icot.models.teacher_states import parse_delta, teacher_states
+from icot.stages.base import Stage, lm_metrics, unwrap
+from icot.stages.common import fresh_decoder, prepare_decoder, stage_folder
+from icot.data.collate import collate_train
+
+
+class MindReadingStage(Stage):
+    name = "mind_reading"
+    views = ("cot", "nocot")
+    generation_target = "nocot"
+
+    def inputs(self):
+        return {"teacher": stage_folder(self.config, "teacher")}
+
+    def build(self):
+        teacher_export = self.inputs()["teacher"] / "export"
+        self.delta = parse_delta(self.config.method.delta)
+        self.teacher = self.strategy.prepare_frozen(
+            self.strategy.load_pretrained(lambda: load_component(teacher_export, expect="decoder")))
+        if self.config.method.init_from_teacher:
+            decoder = prepare_decoder(self.strategy.load_pretrained(
+                lambda: load_component(teacher_export, expect="decoder")), self.config, dropout=0.0)
+        else:
+            decoder = fresh_decoder(self.config, self.tokenizer, dropout=0.0)
+        return Student(decoder)
+
+    def states(self, cot: dict) -> torch.Tensor:
+        return teacher_states(unwrap(self.teacher), cot["input_ids"], cot["attention_mask"],
+                              cot["first_sep"], cot["second_sep"], self.delta)
+
+    def loss(self, model, batch):
+        nocot = batch["nocot"]
+        output = model(nocot["input_ids"], nocot["attention_mask"], nocot["first_sep"],
+                       self.states(batch["cot"]), labels=nocot["labels"])
+        return lm_metrics(output, nocot["labels"])
+
+    def generate(self, model, features, synced):
+        """The student answering with the teacher's true states."""
+        batch, cap = self.generation_batch(features)
+        states = self.states(collate_train(features, "cot", self.separator_id))
+        student = unwrap(model)
+        with torch.no_grad(), student.injection(states, batch["first_sep"], prompt_pass_only=True):
+            return greedy_decode(student.decoder, batch, self.separator_id, 1, cap, synced)
+
+    def export_extra(self):
+        return {"stage": self.name, "delta": self.delta}
