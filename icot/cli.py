@@ -28,14 +28,14 @@ class DataCommands:
         """Generate N x M digit multiplication in the paper's format (train/valid/test, disjoint)."""
         from icot.data.multiply import generate_splits_cli
 
-        return generate_splits_cli(digits=digits, digits_a=digits_a, digits_b=digits_b, train=train,
+        generate_splits_cli(digits=digits, digits_a=digits_a, digits_b=digits_b, train=train,
                                    valid=valid, test=test, seed=seed, out=out, format=format)
 
     def check(self, *files, skip_bad=False):
         """Validate data files: format for all, and re-derive multiplication lines from operands."""
         from icot.data.check import check_files_cli
 
-        return check_files_cli(list(files), skip_bad=skip_bad)
+        check_files_cli(list(files), skip_bad=skip_bad)
 
 
 class TokenizerCommands:
@@ -45,7 +45,7 @@ class TokenizerCommands:
         """Build a word-level (`kind=word`) or sentencepiece (`kind=sentencepiece`) tokenizer."""
         from icot.data.tokenizer_build import build_tokenizer_cli
 
-        return build_tokenizer_cli(list(files), kind=kind, out=out, vocab_size=vocab_size)
+        build_tokenizer_cli(list(files), kind=kind, out=out, vocab_size=vocab_size)
 
 
 class Commands:
@@ -60,31 +60,31 @@ class Commands:
         """Train one stage: icot train <stage> --config RECIPE [--key=value ...]."""
         from icot.stages import run_stage
 
-        return run_stage(stage, raw_overrides(self._argv, 2))
+        run_stage(stage, raw_overrides(self._argv, 2))
 
     def eval(self, *_, **__):
         """Evaluate a mode (no_cot | explicit | implicit) on a data file: accuracy and throughput."""
         from icot.evaluate import evaluate_cli
 
-        return evaluate_cli(raw_overrides(self._argv, 1))
+        evaluate_cli(raw_overrides(self._argv, 1))
 
     def pipeline(self, *_, **__):
         """Run every stage and the evaluation from one recipe, skipping completed stages."""
         from icot.pipeline import pipeline_cli
 
-        return pipeline_cli(raw_overrides(self._argv, 1))
+        pipeline_cli(raw_overrides(self._argv, 1))
 
     def demo(self, *_, **__):
         """The built-in CPU pipeline: generated multiplication, small GPT-2 from scratch."""
         from icot.pipeline import demo_cli
 
-        return demo_cli(raw_overrides(self._argv, 1))
+        demo_cli(raw_overrides(self._argv, 1))
 
     def bench(self, *_, **__):
         """Side-by-side throughput and overhead benchmarks."""
         from icot.bench import bench_cli
 
-        return bench_cli(raw_overrides(self._argv, 1))
+        bench_cli(raw_overrides(self._argv, 1))
 
 
 def main(argv: list[str] | None = None) -> None:

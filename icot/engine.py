@@ -295,6 +295,14 @@ class Strategy:
     def gradient_accumulation(self) -> int:
         return batch_triple(self.train, self.world_size)[1]
 
+    def shutdown(self) -> None:
+        """Tear the process group down before exit (gloo aborts at interpreter exit otherwise)."""
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def barrier(self) -> None:
         import torch.distributed as dist
 

@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from icot.config import STAGES, Paths, StageConfig, load_stage_config, save_resolved, load_resolved
+from icot.config import STAGES, Paths, StageConfig, load_resolved, load_stage_config, save_resolved
 from icot.errors import UserError
 
 
@@ -21,3 +21,102 @@ def stage_class(name: str):
     if name not in classes:
         raise UserError(f"unknown stage {name!r}; choose one of {', '.join(STAGES)}")
     return classes[name]
+
+
+def run_stage(name: str, overrides: list[str]) -> str:
+    """Train stage `name` from a recipe and overrides; returns 'done', 'preempted' or 'skipped'.
+
+    Everything that can be wrong with the input (config, earlier stages, data, shapes) is checked
+    before the stage folder is written, so a failed start loses nothing.
+    """
+    from icot.engine import Strategy
+    from icot.loop import Trainer
+    from icot.stages.common import DONE_MARKER, PREEMPTED_MARKER, input_folders, load_split, load_tokenizer
+
+    cls = stage_class(name)
+    recipe, rest = split_recipe(overrides)
+    config = load_stage_config(name, recipe, rest)
+    paths = Paths.of(config)
+    if (paths.root / DONE_MARKER).exists():
+        print(f"[icot {name}] {paths.root} is already complete; nothing to do")
+        return "skipped"
+
+    strategy = Strategy(config.train).init_distributed()
+    inputs = input_folders(config)
+    fallback = next((folder / "export" for folder in inputs.values()), None)
+    tokenizer = load_tokenizer(config, fallback)
+    stage = cls(config, strategy, tokenizer)
+    train_set = load_split(config, tokenizer, "train")
+    if train_set is None:
+        raise UserError("data.train: no training file given")
+    valid_set = load_split(config, tokenizer, "valid")
+    model = stage.build()
+
+    if strategy.is_main:
+        write_stage_files(config, strategy, paths)
+    trainer = Trainer(stage, config, strategy, paths, train_set, valid_set)
+    started = time.time()
+    trainer.setup(model)
+    status = trainer.train()
+    if status == "done":
+        state_dict = strategy.state_dict_for_export(trainer.engine)
+        if strategy.is_main:
+            stage.export(trainer.engine, state_dict, paths.export)
+            tokenizer.save_pretrained(paths.export if name != "coupling" else paths.export / "student")
+            if name == "coupling":
+                tokenizer.save_pretrained(paths.export / "emulator")
+            write_manifest(paths, config, inputs, trainer, time.time() - started)
+            (paths.root / PREEMPTED_MARKER).unlink(missing_ok=True)
+            (paths.root / DONE_MARKER).write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+    elif strategy.is_main:
+        (paths.root / PREEMPTED_MARKER).write_text(f"step {trainer.progress.step}\n")
+    trainer.close()
+    strategy.shutdown()
+    return status
+
+
+def split_recipe(overrides: list[str]) -> tuple[str | None, list[str]]:
+    """`--config RECIPE` / `--config=RECIPE` out of the overrides."""
+    rest, recipe = [], None
+    tokens = iter(overrides)
+    for token in tokens:
+        if token == "--config":
+            recipe = next(tokens, None)
+            if recipe is None:
+                raise UserError("--config needs a recipe path")
+        elif token.startswith("--config="):
+            recipe = token.split("=", 1)[1]
+        else:
+            rest.append(token)
+    if recipe is not None and not Path(recipe).is_file():
+        raise UserError(f"--config: no such recipe file {recipe}")
+    return recipe, rest
+
+
+def write_stage_files(config: StageConfig, strategy, paths: Paths) -> None:
+    """The resolved config and DeepSpeed config. A resumed run with a changed config keeps the
+    earlier one beside it, so nothing already written is lost."""
+    paths.root.mkdir(parents=True, exist_ok=True)
+    if paths.config.exists():
+        previous = load_resolved(str(paths.config))
+        if previous != config:
+            paths.config.rename(paths.root / f"config.{time.strftime('%Y%m%d-%H%M%S')}.yaml")
+    save_resolved(config, paths.config)
+    paths.ds_config.write_text(json.dumps(strategy.ds_config, indent=2) + "\n")
+
+
+def write_manifest(paths: Paths, config: StageConfig, inputs: dict[str, Path], trainer, seconds: float) -> None:
+    manifest = {
+        "stage": config.stage,
+        "inputs": {name: str(folder.resolve()) for name, folder in inputs.items()},
+        "data": {split: getattr(config.data, split) for split in ("train", "valid", "test")},
+        "tokenizer": config.model.tokenizer or config.model.name_or_path,
+        "steps": trainer.progress.step,
+        "examples": trainer.progress.examples,
+        "tokens": trainer.progress.tokens,
+        "wall_seconds": round(seconds, 1),
+        "world_size": trainer.strategy.world_size,
+        "validation": getattr(trainer, "last_validation", None),
+        "export": str(paths.export.resolve()),
+    }
+    paths.manifest.write_text(json.dumps(manifest, indent=2) + "\n")

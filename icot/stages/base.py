@@ -16,6 +16,7 @@ from torch import nn
 from icot.config import StageConfig
 from icot.data.collate import collate_generate, collate_train
 from icot.models.io import save_component
+from icot.stages.common import input_folders
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -47,7 +48,7 @@ class Stage(ABC):
     # -- set up ----------------------------------------------------------------------------------
     def inputs(self) -> dict[str, Path]:
         """Earlier stage folders this stage reads (recorded in the manifest)."""
-        return {}
+        return input_folders(self.config)
 
     @abstractmethod
     def build(self) -> nn.Module:

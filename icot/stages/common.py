@@ -38,6 +38,11 @@ def stage_folder(config: StageConfig, input_stage: str) -> Path:
     return folder
 
 
+def input_folders(config: StageConfig) -> dict[str, Path]:
+    """Every earlier stage folder this config's stage reads."""
+    return {name: stage_folder(config, name) for name in INPUT_STAGES[config.stage]}
+
+
 def read_manifest(folder: Path) -> dict:
     path = folder / "manifest.json"
     try:

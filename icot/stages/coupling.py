@@ -6,17 +6,13 @@ from icot.models.coupled import CoupledModel
 from icot.models.generation import generate_implicit
 from icot.models.io import load_component, save_component
 from icot.stages.base import Stage, lm_metrics, unwrap
-from icot.stages.common import prepare_decoder, stage_folder
+from icot.stages.common import prepare_decoder
 
 
 class CouplingStage(Stage):
     name = "coupling"
     views = ("nocot",)
     generation_target = "nocot"
-
-    def inputs(self):
-        return {"mind_reading": stage_folder(self.config, "mind_reading"),
-                "emulation": stage_folder(self.config, "emulation")}
 
     def build(self):
         folders = self.inputs()

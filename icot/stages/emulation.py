@@ -2,26 +2,24 @@
 Trained: the emulator (decoder + MLPs, mixture, LSTM, attention). Frozen: the teacher.
 Loss: sum over layers and dimensions of squared error / 2 (+ mixture cross-entropy for `token`)."""
 
+from icot.models.coupled import check_compatible
 from icot.models.emulator import Emulator
 from icot.models.io import load_component
 from icot.models.teacher_states import parse_delta, teacher_states
 from icot.stages.base import Stage, unwrap
-from icot.stages.common import fresh_decoder, prepare_decoder, stage_folder
+from icot.stages.common import fresh_decoder, prepare_decoder
 
 
 class EmulationStage(Stage):
     name = "emulation"
     views = ("cot", "prompt")
 
-    def inputs(self):
-        return {"teacher": stage_folder(self.config, "teacher")}
-
     def build(self):
         method = self.config.method
         teacher_export = self.inputs()["teacher"] / "export"
         self.delta = parse_delta(method.delta)
-        self.teacher = self.strategy.prepare_frozen(
-            self.strategy.load_pretrained(lambda: load_component(teacher_export, expect="decoder")))
+        teacher = self.strategy.load_pretrained(lambda: load_component(teacher_export, expect="decoder"),
+                                                self.strategy.frozen_ds_config)
         if method.init_from_teacher:
             decoder = prepare_decoder(self.strategy.load_pretrained(
                 lambda: load_component(teacher_export, expect="decoder")), self.config, dropout=0.0)
@@ -29,7 +27,10 @@ class EmulationStage(Stage):
             decoder = fresh_decoder(self.config, self.tokenizer, dropout=0.0)
         # `token`: one component per vocabulary token, supervised by the CoT token at t_l.
         mixture_size = len(self.tokenizer) if method.mixture == "token" else 1
-        return Emulator(decoder, mixture_size=mixture_size, temperature=method.mixture_temperature)
+        emulator = Emulator(decoder, mixture_size=mixture_size, temperature=method.mixture_temperature)
+        check_compatible(teacher=teacher, emulator=emulator)
+        self.teacher = self.strategy.prepare_frozen(teacher)
+        return emulator
 
     def loss(self, model, batch):
         cot, prompt = batch["cot"], batch["prompt"]

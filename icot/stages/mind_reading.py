@@ -5,11 +5,12 @@ Trained: the student (decoder + MLPs), dropout off. Frozen: the teacher. Loss: a
 import torch
 
 from icot.models.generation import greedy_decode
+from icot.models.coupled import check_compatible
 from icot.models.io import load_component
 from icot.models.student import Student
 from icot.models.teacher_states import parse_delta, teacher_states
 from icot.stages.base import Stage, lm_metrics, unwrap
-from icot.stages.common import fresh_decoder, prepare_decoder, stage_folder
+from icot.stages.common import fresh_decoder, prepare_decoder
 from icot.data.collate import collate_train
 
 
@@ -18,20 +19,20 @@ class MindReadingStage(Stage):
     views = ("cot", "nocot")
     generation_target = "nocot"
 
-    def inputs(self):
-        return {"teacher": stage_folder(self.config, "teacher")}
-
     def build(self):
         teacher_export = self.inputs()["teacher"] / "export"
         self.delta = parse_delta(self.config.method.delta)
-        self.teacher = self.strategy.prepare_frozen(
-            self.strategy.load_pretrained(lambda: load_component(teacher_export, expect="decoder")))
+        teacher = self.strategy.load_pretrained(lambda: load_component(teacher_export, expect="decoder"),
+                                                self.strategy.frozen_ds_config)
         if self.config.method.init_from_teacher:
             decoder = prepare_decoder(self.strategy.load_pretrained(
                 lambda: load_component(teacher_export, expect="decoder")), self.config, dropout=0.0)
         else:
             decoder = fresh_decoder(self.config, self.tokenizer, dropout=0.0)
-        return Student(decoder)
+        student = Student(decoder)
+        check_compatible(teacher=teacher, student=student)
+        self.teacher = self.strategy.prepare_frozen(teacher)
+        return student
 
     def states(self, cot: dict) -> torch.Tensor:
         return teacher_states(unwrap(self.teacher), cot["input_ids"], cot["attention_mask"],
