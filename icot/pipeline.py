@@ -1,0 +1,283 @@
+"""`icot pipeline`: every stage, then the three-mode evaluation, from one recipe; `icot demo`: the
+same on a built-in CPU recipe with generated multiplication data.
+
+Each stage runs as its own `python -m icot train` process, exactly as a user or a SLURM job would
+run it, so a completed stage (DONE marker) is skipped and an interrupted one resumes from its
+checkpoint. The evaluation table goes into `<run>/results.md`, `results.json` and `results.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from icot.config import STAGES, Paths, load_stage_config
+from icot.errors import UserError
+
+MODES = ("no_cot", "explicit", "implicit")
+RECIPES = Path(__file__).resolve().parent / "recipes"
+DEMO_RECIPE = RECIPES / "demo.yaml"
+
+
+@dataclass
+class StageRun:
+    name: str
+    steps: int
+    seconds: float = 0.0
+    skipped: bool = False
+
+
+@dataclass
+class Progress:
+    """Elapsed time and an estimate of what is left, from the seconds per step measured so far."""
+
+    stages: list[StageRun]
+    started: float = field(default_factory=time.time)
+
+    def estimate_left(self, current: int) -> float | None:
+        done = [s for s in self.stages[:current] if not s.skipped and s.steps]
+        if not done:
+            return None
+        per_step = sum(s.seconds for s in done) / sum(s.steps for s in done)
+        return per_step * sum(s.steps for s in self.stages[current:])
+
+    def announce(self, current: int, what: str) -> None:
+        elapsed = time.time() - self.started
+        left = self.estimate_left(current)
+        eta = f", about {format_seconds(left)} of training left" if left is not None else ""
+        print(f"[icot pipeline] {what} (elapsed {format_seconds(elapsed)}{eta})", flush=True)
+
+
+def format_seconds(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def planned_steps(stage: str, recipe: str | None, overrides: list[str]) -> int:
+    """Optimizer steps the stage will run (for the time estimate): max_steps or epochs x batches."""
+    config = load_stage_config(stage, recipe, overrides)
+    if config.train.max_steps is not None:
+        return config.train.max_steps
+    lines = count_lines(config.data.train) if config.data.train else 0
+    if config.data.max_train_examples is not None:
+        lines = min(lines, config.data.max_train_examples)
+    return max(1, int(config.train.epochs * (lines // config.train.batch_size)))
+
+
+def count_lines(path: str) -> int:
+    with open(path, "rb") as handle:
+        return sum(1 for line in handle if line.strip())
+
+
+def run_stages(recipe: str | None, overrides: list[str], stages: list[str]) -> list[StageRun]:
+    runs = [StageRun(name, planned_steps(name, recipe, overrides)) for name in stages]
+    progress = Progress(runs)
+    for index, run in enumerate(runs):
+        config = load_stage_config(run.name, recipe, overrides)
+        if (Paths.of(config).root / "DONE").exists():
+            run.skipped = True
+            run.seconds = stage_seconds(Paths.of(config).root)
+            progress.announce(index + 1, f"stage {index + 1}/{len(runs)} {run.name}: already complete, skipped")
+            continue
+        progress.announce(index, f"stage {index + 1}/{len(runs)} {run.name}: {run.steps} steps")
+        command = [sys.executable, "-m", "icot", "train", run.name, *(["--config", recipe] if recipe else []),
+                   *overrides]
+        started = time.time()
+        result = subprocess.run(command)
+        run.seconds = time.time() - started
+        if result.returncode != 0:
+            raise UserError(f"stage {run.name} failed (exit code {result.returncode}); rerun the same command "
+                            f"to resume it")
+        if not (Paths.of(config).root / "DONE").exists():
+            raise UserError(f"stage {run.name} stopped before the end (preempted?); rerun to resume")
+    progress.announce(len(runs), "all stages complete")
+    return runs
+
+
+def stage_seconds(folder: Path) -> float:
+    try:
+        return float(json.loads((folder / "manifest.json").read_text()).get("wall_seconds", 0.0))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0.0
+
+
+def evaluate_all(run_dir: Path, data: str, batch_size: int, max_examples: int | None) -> dict[str, dict]:
+    from icot.evaluate import evaluate_mode
+
+    results = {}
+    for mode in MODES:
+        print(f"[icot pipeline] evaluating {mode} on {data}", flush=True)
+        results[mode] = evaluate_mode(mode, run_dir, data, batch_sizes=(1, batch_size), max_examples=max_examples)
+    return results
+
+
+def machine_description() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
+    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+
+
+MODE_NAMES = {"no_cot": "No CoT", "explicit": "Explicit CoT (teacher)", "implicit": "Implicit CoT (emulator + student)"}
+
+
+def write_results(run_dir: Path, stages: list[StageRun], evaluation: dict[str, dict], data: str,
+                  total_seconds: float) -> None:
+    results = {
+        "machine": machine_description(),
+        "test_data": data,
+        "modes": evaluation,
+        "stages": {s.name: {"steps": s.steps, "seconds": round(s.seconds, 1), "skipped": s.skipped} for s in stages},
+        "wall_seconds": round(total_seconds, 1),
+    }
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = [f"# icot results: {run_dir}", "", f"Machine: {results['machine']}. Test data: `{data}`.", "",
+             "| mode | accuracy | token accuracy | examples/s (batch 1) | examples/s (batched) |",
+             "|---|---|---|---|---|"]
+    for mode in MODES:
+        r = evaluation[mode]
+        lines.append(f"| {MODE_NAMES[mode]} | {100 * r['accuracy']:.1f}% | {100 * r['token_accuracy']:.1f}% | "
+                     f"{r['examples_per_s_batch1']:.1f} | {r['examples_per_s_batched']:.1f} "
+                     f"(batch {r['batch_size']}) |")
+    lines += ["", "| stage | steps | wall time |", "|---|---|---|"]
+    for s in stages:
+        lines.append(f"| {s.name} | {s.steps} | {format_seconds(s.seconds)}{' (earlier run)' if s.skipped else ''} |")
+    lines += ["", f"Total wall time of this invocation: {format_seconds(total_seconds)}.", ""]
+    (run_dir / "results.md").write_text("\n".join(lines))
+    plot_results(run_dir, stages, evaluation)
+
+
+def validation_curve(stage_folder: Path, tag: str = "valid/accuracy") -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    if not (stage_folder / "tb").is_dir():
+        return []
+    events = EventAccumulator(str(stage_folder / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    if tag not in events.Tags().get("scalars", []):
+        return []
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def plot_results(run_dir: Path, stages: list[StageRun], evaluation: dict[str, dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for mode in MODES:
+        r = evaluation[mode]
+        left.scatter(r["examples_per_s_batch1"], 100 * r["accuracy"], s=60, label=MODE_NAMES[mode])
+        left.annotate(f"{100 * r['accuracy']:.0f}%", (r["examples_per_s_batch1"], 100 * r["accuracy"]),
+                      textcoords="offset points", xytext=(6, 4))
+    left.set_xlabel("examples/s (batch 1)")
+    left.set_ylabel("test accuracy (%)")
+    left.set_ylim(-5, 105)
+    left.set_title("accuracy vs throughput")
+    left.legend(fontsize=8)
+    for s in stages:
+        curve = validation_curve(run_dir / s.name)
+        if curve:
+            steps, values = zip(*curve)
+            right.plot(steps, [100 * v for v in values], marker="o", label=s.name)
+    right.set_xlabel("optimizer step")
+    right.set_ylabel("validation accuracy (%)")
+    right.set_ylim(-5, 105)
+    right.set_title("validation accuracy during training")
+    right.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(run_dir / "results.png", dpi=110)
+    plt.close(figure)
+
+
+def parse_pipeline_args(overrides: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="icot pipeline", add_help=True)
+    parser.add_argument("--config", help="the recipe (YAML)")
+    parser.add_argument("--only", help="comma-separated subset of: " + ", ".join((*STAGES, "eval")))
+    parser.add_argument("--eval_batch_size", type=int, default=32)
+    parser.add_argument("--eval_max_examples", type=int, default=None)
+    args, rest = parser.parse_known_args(overrides)
+    if args.config is not None and not Path(args.config).is_file():
+        raise UserError(f"--config: no such recipe file {args.config}")
+    return args, rest
+
+
+def pipeline_cli(overrides: list[str]) -> None:
+    args, rest = parse_pipeline_args(overrides)
+    run_pipeline(args.config, rest, only=args.only, eval_batch_size=args.eval_batch_size,
+                 eval_max_examples=args.eval_max_examples)
+
+
+def run_pipeline(recipe: str | None, overrides: list[str], only: str | None = None, eval_batch_size: int = 32,
+                 eval_max_examples: int | None = None) -> dict:
+    started = time.time()
+    wanted = [s.strip() for s in only.split(",")] if only else [*STAGES, "eval"]
+    unknown = [s for s in wanted if s not in (*STAGES, "eval")]
+    if unknown:
+        raise UserError(f"--only: unknown step(s) {', '.join(unknown)}; choose from {', '.join((*STAGES, 'eval'))}")
+    config = load_stage_config("teacher", recipe, overrides)   # validates the recipe before anything runs
+    run_dir = Path(config.run_dir)
+    stages = run_stages(recipe, overrides, [s for s in STAGES if s in wanted])
+    if "eval" not in wanted:
+        return {}
+    if config.data.test is None:
+        raise UserError("data.test: the pipeline evaluates on the test split; name a file")
+    evaluation = evaluate_all(run_dir, config.data.test, eval_batch_size, eval_max_examples)
+    all_stages = stages if len(stages) == len(STAGES) else [
+        StageRun(s, 0, stage_seconds(run_dir / s), skipped=True) for s in STAGES]
+    write_results(run_dir, all_stages, evaluation, config.data.test, time.time() - started)
+    print((run_dir / "results.md").read_text(), flush=True)
+    return evaluation
+
+
+@dataclass
+class DemoData:
+    """The demo's generated task: digits x digits multiplication, disjoint splits."""
+
+    digits: int = 3
+    train: int = 100_000
+    valid: int = 500
+    test: int = 1000
+    seed: int = 0
+
+
+def demo_cli(overrides: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="icot demo", description="the built-in CPU pipeline")
+    parser.add_argument("--out", default="runs/demo", help="folder for data, tokenizer and the run")
+    parser.add_argument("--config", default=str(DEMO_RECIPE), help="the recipe (default: the built-in one)")
+    defaults = DemoData()
+    for name in ("digits", "train", "valid", "test", "seed"):
+        parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name),
+                            help=f"generated data: {name} (default {getattr(defaults, name)})")
+    parser.add_argument("--eval_max_examples", type=int, default=None)
+    args, rest = parser.parse_known_args(overrides)
+    run_demo(Path(args.out), args.config, DemoData(args.digits, args.train, args.valid, args.test, args.seed),
+             rest, eval_max_examples=args.eval_max_examples)
+
+
+def run_demo(out: Path, recipe: str, data: DemoData, overrides: list[str],
+             eval_max_examples: int | None = None) -> dict:
+    """Generate the data and the tokenizer (once), then run the pipeline into `out`."""
+    from icot.data.multiply import generate_splits
+    from icot.data.tokenizer_build import build_tokenizer
+
+    data_dir, tokenizer_dir = out / "data", out / "tokenizer"
+    if not (data_dir / "test.txt").exists():
+        print(f"[icot demo] generating {data.digits}x{data.digits} multiplication into {data_dir}", flush=True)
+        generate_splits(data_dir, data.digits, data.digits,
+                        {"train": data.train, "valid": data.valid, "test": data.test}, data.seed)
+    if not (tokenizer_dir / "tokenizer.json").exists():
+        build_tokenizer([data_dir / "train.txt"], kind="word", out=tokenizer_dir)
+    paths = [f"--run_dir={out / 'run'}", f"--data.train={data_dir / 'train.txt'}",
+             f"--data.valid={data_dir / 'valid.txt'}", f"--data.test={data_dir / 'test.txt'}",
+             f"--model.tokenizer={tokenizer_dir}"]
+    return run_pipeline(recipe, paths + list(overrides), eval_max_examples=eval_max_examples)

@@ -1,0 +1,82 @@
+"""`icot pipeline` / `icot demo` end to end on tiny settings, and every shipped recipe resolving."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from icot.config import STAGES, load_stage_config
+from icot.pipeline import DEMO_RECIPE, RECIPES
+
+TINY = ["--model.layers=2", "--model.hidden=32", "--model.heads=2", "--model.max_positions=256",
+        "--train.batch_size=16", "--train.max_steps=4", "--train.log_every=2", "--train.eval_examples=4",
+        "--train.lr=1e-3"]
+
+
+def icot(*args, cwd):
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    result = subprocess.run([sys.executable, "-m", "icot", *args], cwd=cwd, env=env, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_resolves_for_every_stage(recipe):
+    for stage in STAGES:
+        config = load_stage_config(stage, str(recipe), [])
+        assert config.stage == stage
+
+
+def check_results(run_dir: Path):
+    results = json.loads((run_dir / "results.json").read_text())
+    assert set(results["modes"]) == {"no_cot", "explicit", "implicit"}
+    for mode in results["modes"].values():
+        assert 0.0 <= mode["accuracy"] <= 1.0
+        assert mode["examples_per_s_batch1"] > 0 and mode["examples_per_s_batched"] > 0
+    assert set(results["stages"]) == set(STAGES)
+    table = (run_dir / "results.md").read_text()
+    assert "Implicit CoT" in table and "examples/s (batch 1)" in table
+    assert (run_dir / "results.png").stat().st_size > 10_000
+    for stage in STAGES:
+        assert (run_dir / stage / "DONE").exists()
+    return results
+
+
+def test_demo_runs_a_shortened_multiplication_pipeline_and_skips_completed_stages(tmp_path):
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--digits", "2", "--train", "256", "--valid", "16", "--test", "24", *TINY]
+    first = icot(*args, cwd=tmp_path)
+    assert "estimate" not in first.stderr  # progress goes to stdout
+    assert "about" in first.stdout and "left" in first.stdout  # the time-left estimate is shown
+    check_results(out / "run")
+    second = icot(*args, cwd=tmp_path)
+    assert second.stdout.count("already complete, skipped") == len(STAGES)
+    assert DEMO_RECIPE.exists()
+
+
+def test_gsm8k_smoke_pipeline_with_sentencepiece_and_token_mixture(tmp_path, reference_data):
+    gsm8k = reference_data / "gsm8k_aug"
+    test_slice = tmp_path / "test_slice.txt"
+    test_slice.write_text("".join(open(gsm8k / "test.txt", encoding="utf-8").readlines()[:12]))
+    icot("tokenizer", "build", str(gsm8k / "valid.txt"), "--kind", "sentencepiece", "--out", "tok",
+         "--vocab_size", "3000", cwd=tmp_path)
+    recipe = tmp_path / "gsm8k.yaml"
+    recipe.write_text(f"""run_dir: run
+model: {{family: gpt2, layers: 2, hidden: 32, heads: 2, tokenizer: tok, max_positions: 512}}
+data: {{train: {gsm8k / 'valid.txt'}, valid: {test_slice}, test: {test_slice}, max_length: 512,
+       max_train_examples: 64}}
+train: {{lr: 1.0e-3, batch_size: 8, max_steps: 3, log_every: 1, eval_examples: 2}}
+method: {{mixture: token, freeze: student}}
+""")
+    icot("pipeline", "--config", str(recipe), "--eval_batch_size", "4", cwd=tmp_path)
+    results = check_results(tmp_path / "run")
+    assert results["modes"]["implicit"]["examples"] == 12
+    emulator = json.loads((tmp_path / "run/emulation/export/icot_component.json").read_text())
+    assert emulator["mixture_size"] > 1000   # one component per vocabulary token
+    evaluated = icot("eval", "--mode", "implicit", "--run_dir", "run", "--data", str(test_slice),
+                     "--out", "eval.json", cwd=tmp_path)
+    assert json.loads((tmp_path / "eval.json").read_text())["examples"] == 12, evaluated.stdout
