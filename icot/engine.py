@@ -25,9 +25,10 @@ import torch
 from icot.config import TrainConfig
 from icot.errors import UserError
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+TEMPLATE_DIR = Path(__file__).resolve().parent / "ds_configs"  # a link to the top-level ds_configs/
 STEPS_PER_PRINT = 1_000_000_000  # DeepSpeed's own step log is noise; the training loop logs
 CLIENT_KEY = "icot_client_state"
+_FINAL_SYNC: list[torch.Tensor] = []  # see Strategy.shutdown
 
 
 # --------------------------------------------------------------------------------------------------
@@ -250,6 +251,16 @@ def _export_copy(state_dict: dict) -> dict:
     return out
 
 
+def partition_summary(module: torch.nn.Module) -> str | None:
+    """How ZeRO-3 has split `module`'s parameters across ranks (None when it has not)."""
+    params = list(module.parameters())
+    parted = [p for p in params if hasattr(p, "ds_id")]
+    if not parted:
+        return None
+    local, full = sum(p.ds_tensor.numel() for p in parted), sum(p.ds_numel for p in parted)
+    return f"{len(parted)} of {len(params)} parameters partitioned by ZeRO-3, {local:,} of {full:,} elements held here"
+
+
 # --------------------------------------------------------------------------------------------------
 
 
@@ -300,8 +311,19 @@ class Strategy:
         import torch.distributed as dist
 
         if dist.is_initialized():
-            dist.barrier()
+            # The last synchronisation is an all-reduce, not dist.barrier(): a gloo barrier holds the
+            # buffers of the collectives still in flight when it starts (e.g. ZeRO-3's gathers) and its
+            # worker thread frees them after the barrier has returned. Freeing a tensor made in Python
+            # takes the GIL, and a thread that takes the GIL while the interpreter shuts down aborts the
+            # process ("terminate called without an active exception", every few ZeRO-3 runs). The
+            # tensor stays referenced until exit, so freeing the all-reduce's own work needs no GIL.
+            _FINAL_SYNC.append(torch.zeros(1, device=self.device))
+            dist.all_reduce(_FINAL_SYNC[-1])
             dist.destroy_process_group()
+
+    def log(self, message: str) -> None:
+        if self.is_main:
+            print(f"[icot] {message}", flush=True)
 
     def barrier(self) -> None:
         import torch.distributed as dist
@@ -361,6 +383,9 @@ class Strategy:
         model.requires_grad_(False)
         engine, *_ = deepspeed.initialize(model=model, config=copy.deepcopy(self.frozen_ds_config))
         engine.eval()
+        summary = partition_summary(engine.module)
+        if summary:
+            self.log(f"frozen {type(model).__name__} engine: {summary} (rank 0 of {self.world_size})")
         return engine
 
     def load_pretrained_scoped(self, loader_fn: Callable[[], torch.nn.Module], ds_config: dict | None = None):
@@ -377,10 +402,14 @@ class Strategy:
 
         scope = _hf_zero3_scope(config)
         try:
-            return loader_fn()
+            model = loader_fn()
         finally:
             del scope
             unset_hf_deepspeed_config()
+        if isinstance(model, torch.nn.Module):
+            summary = partition_summary(model) or "not partitioned at load"
+            self.log(f"loaded {type(model).__name__} under ZeRO-3: {summary} (rank 0 of {self.world_size})")
+        return model
 
     load_pretrained = load_pretrained_scoped  # the shorter name the stage code uses
 

@@ -37,7 +37,8 @@ class Progress:
 
 
 class StopRequest:
-    """SIGTERM / SIGUSR1 (SLURM preemption) ask for a checkpoint and a clean exit at the next step."""
+    """SIGTERM / SIGUSR1 (SLURM preemption) ask for a checkpoint and a clean exit at the next step.
+    Installed before the slow set-up (data, engines, resume), so an early signal is not lost."""
 
     def __init__(self):
         self.requested = False
@@ -80,6 +81,13 @@ def total_steps(config: StageConfig, num_examples: int) -> tuple[int, int]:
     return max(steps, 1), per_epoch
 
 
+def seed_everything(seed: int) -> None:
+    """Python, NumPy and torch generators from one seed (the same weights in every run and on every rank)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def rng_state() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 
@@ -104,22 +112,27 @@ class Trainer:
     # -- set up ----------------------------------------------------------------------------------
     def setup(self, model: torch.nn.Module) -> None:
         self.engine = self.strategy.prepare_trainable(model, total_steps=self.steps)
-        resumed = self.resume()
+        self.resume()
         if self.strategy.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
-            # One writer, fixed folder; purge_step drops events an interrupted run wrote past its checkpoint.
-            self.writer = SummaryWriter(str(self.paths.tb), purge_step=self.progress.step + 1 if resumed else None)
+            # One writer, fixed folder; purge_step drops events an interrupted run wrote past its checkpoint
+            # (all of them when this run starts from step 0).
+            self.writer = SummaryWriter(str(self.paths.tb), purge_step=self.progress.step + 1)
 
     def resume(self) -> bool:
         mode = self.train_cfg.resume
         if mode == "never":
             return False
         folder = self.paths.ckpt if mode == "auto" else Path(mode)
-        tag = latest_tag(folder)
+        tag = latest_tag(folder, self.strategy.world_size)
         if tag is None:
             if mode != "auto":
-                raise UserError(f"train.resume: no checkpoint found in {folder}")
+                raise UserError(f"train.resume: no complete checkpoint for {self.strategy.world_size} rank(s) "
+                                f"found in {folder}")
+            if latest_tag(folder, 1) is not None:
+                self.log(f"no checkpoint in {folder} is complete for {self.strategy.world_size} ranks; "
+                         f"starting from step 0")
             return False
         client_state = self.strategy.load_checkpoint(self.engine, folder, tag)
         self.progress = Progress(**client_state["progress"])
@@ -128,14 +141,15 @@ class Trainer:
         return True
 
     # -- train -----------------------------------------------------------------------------------
-    def train(self) -> str:
+    def train(self, stop: StopRequest) -> str:
         """Run to the end or to a stop request; returns 'done' or 'preempted'."""
         from tqdm import tqdm
 
         bar = tqdm(total=self.steps, initial=self.progress.step, disable=not self.strategy.is_main,
                    desc=self.stage.name, dynamic_ncols=True)
         window_start, window_tokens = time.perf_counter(), 0
-        with StopRequest() as stop:
+        # The bar is closed on every way out, so that an error message starts on a line of its own.
+        with bar:
             while self.progress.step < self.steps:
                 record, tokens = self.optimizer_step()
                 window_tokens += tokens
@@ -150,14 +164,15 @@ class Trainer:
                     window_start, window_tokens = time.perf_counter(), 0
                 if self.train_cfg.eval_every and step % self.train_cfg.eval_every == 0 and step < self.steps:
                     self.validate(step)
-                if self.train_cfg.save_every and step % self.train_cfg.save_every == 0 and step < self.steps:
+                saved = self.train_cfg.save_every and step % self.train_cfg.save_every == 0 and step < self.steps
+                if saved:
                     self.save_checkpoint()
                 if self.strategy.any_rank(stop.requested):
-                    self.save_checkpoint()
+                    if not saved:
+                        self.save_checkpoint()
                     bar.close()
                     self.log(f"stop requested: checkpoint written at step {step}, exiting")
                     return "preempted"
-        bar.close()
         self.validate(self.progress.step)
         self.save_checkpoint()
         return "done"
@@ -171,6 +186,7 @@ class Trainer:
                                       self.strategy.world_size, self.strategy.rank)
         sums: dict[str, float] = {}
         tokens = 0
+        lr = self.strategy.current_lr(self.engine)  # the rate this step uses (the scheduler moves on after it)
         for micro_indices in indices:
             features = self.train_set.select(micro_indices.tolist())
             batch = self.stage.collate(list(features))
@@ -185,7 +201,7 @@ class Trainer:
         if not math.isfinite(record["loss"]):
             raise TrainingDiverged(f"{self.stage.name}: loss is {record['loss']} at step {step + 1}; "
                                    f"stopping (lower train.lr or enable train.grad_clip)")
-        record["lr"] = self.strategy.current_lr(self.engine)
+        record["lr"] = lr
         if info.grad_norm is not None:
             record["grad_norm"] = float(info.grad_norm)
         self.progress.step += 1
@@ -204,21 +220,22 @@ class Trainer:
         model = self.engine
         model.eval()
         rank, world = self.strategy.rank, self.strategy.world_size
-        sums = {"loss": 0.0, "batches": 0.0, "correct_tokens": 0.0, "label_tokens": 0.0}
+        sums = {"loss": 0.0, "examples": 0.0, "correct_tokens": 0.0, "label_tokens": 0.0}
         micro = self.micro
         shard = list(range(rank, len(self.valid_set), world))
-        # Every rank runs the same number of batches (collectives under ZeRO-3 need it).
+        # Every rank runs the same number of batches (collectives under ZeRO-3 need it): a rank whose
+        # shard is exhausted runs a padding batch that counts for nothing.
         batches = math.ceil(math.ceil(len(self.valid_set) / world) / micro)
         for b in range(batches):
-            rows = shard[b * micro:(b + 1) * micro] or shard[:1] or [0]
-            weight = 1.0 if shard[b * micro:(b + 1) * micro] else 0.0
-            features = list(self.valid_set.select(rows))
+            rows = shard[b * micro:(b + 1) * micro]
+            features = list(self.valid_set.select(rows or shard[:1] or [0]))
             metrics = self.stage.loss(model, self.stage.collate(features))
-            sums["loss"] += weight * float(metrics["loss"])
-            sums["batches"] += weight
-            if "label_tokens" in metrics:
-                sums["correct_tokens"] += weight * float(metrics["correct_tokens"])
-                sums["label_tokens"] += weight * float(metrics["label_tokens"])
+            if rows:  # the loss weighted by examples: the same mean for any split into batches and ranks
+                sums["loss"] += len(rows) * float(metrics["loss"])
+                sums["examples"] += len(rows)
+                if "label_tokens" in metrics:
+                    sums["correct_tokens"] += float(metrics["correct_tokens"])
+                    sums["label_tokens"] += float(metrics["label_tokens"])
         sums["exact"], sums["generated"] = 0.0, 0.0
         if self.train_cfg.eval_examples and self.stage.generation_target is not None:
             subset = list(range(min(self.train_cfg.eval_examples, len(self.valid_set))))
@@ -233,7 +250,7 @@ class Trainer:
                                          for ids, f in zip(generated, features))
                     sums["generated"] += len(rows)
         totals = self.strategy.all_reduce_sum(sums)
-        result = {"loss": totals["loss"] / max(totals["batches"], 1)}
+        result = {"loss": totals["loss"] / max(totals["examples"], 1)}
         if totals["label_tokens"]:
             result["token_accuracy"] = totals["correct_tokens"] / totals["label_tokens"]
         if totals["generated"]:
@@ -277,12 +294,13 @@ class Trainer:
             self.writer.close()
 
 
-def latest_tag(folder: Path) -> str | None:
-    """The newest complete checkpoint tag in `folder` (complete: every rank wrote its RNG file)."""
+def latest_tag(folder: Path, world_size: int = 1) -> str | None:
+    """The newest checkpoint tag in `folder` complete for `world_size` ranks: each of ranks 0..world_size-1
+    wrote its RNG file, which a rank does only after its part of DeepSpeed's save has finished."""
     if not folder.is_dir():
         return None
     tags = sorted((p for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()), reverse=True)
     for tag in tags:
-        if any(tag.glob("rng_rank*.pt")):
+        if all((tag / f"rng_rank{rank}.pt").is_file() for rank in range(world_size)):
             return tag.name
     return None

@@ -82,8 +82,7 @@ def run_stages(recipe: str | None, overrides: list[str], stages: list[str]) -> l
     for index, run in enumerate(runs):
         config = load_stage_config(run.name, recipe, overrides)
         if (Paths.of(config).root / "DONE").exists():
-            run.skipped = True
-            run.seconds = stage_seconds(Paths.of(config).root)
+            run.skipped, run.seconds = True, completed_stage(Paths.of(config).root).seconds
             progress.announce(index + 1, f"stage {index + 1}/{len(runs)} {run.name}: already complete, skipped")
             continue
         progress.announce(index, f"stage {index + 1}/{len(runs)} {run.name}: {run.steps} steps")
@@ -101,11 +100,14 @@ def run_stages(recipe: str | None, overrides: list[str], stages: list[str]) -> l
     return runs
 
 
-def stage_seconds(folder: Path) -> float:
+def completed_stage(folder: Path) -> StageRun:
+    """A stage finished by an earlier invocation, as its manifest records it."""
     try:
-        return float(json.loads((folder / "manifest.json").read_text()).get("wall_seconds", 0.0))
+        manifest = json.loads((folder / "manifest.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
-        return 0.0
+        manifest = {}
+    return StageRun(folder.name, int(manifest.get("steps", 0)), float(manifest.get("wall_seconds", 0.0)),
+                    skipped=True)
 
 
 def evaluate_all(run_dir: Path, data: str, batch_size: int, max_examples: int | None) -> dict[str, dict]:
@@ -232,8 +234,7 @@ def run_pipeline(recipe: str | None, overrides: list[str], only: str | None = No
     if config.data.test is None:
         raise UserError("data.test: the pipeline evaluates on the test split; name a file")
     evaluation = evaluate_all(run_dir, config.data.test, eval_batch_size, eval_max_examples)
-    all_stages = stages if len(stages) == len(STAGES) else [
-        StageRun(s, 0, stage_seconds(run_dir / s), skipped=True) for s in STAGES]
+    all_stages = stages if len(stages) == len(STAGES) else [completed_stage(run_dir / s) for s in STAGES]
     write_results(run_dir, all_stages, evaluation, config.data.test, time.time() - started)
     print((run_dir / "results.md").read_text(), flush=True)
     return evaluation

@@ -6,8 +6,10 @@ slurm/submit_pipeline.sh against a fake `sbatch` (dependency chain, skipping fin
 With a cluster (``ICOT_SLURM=1``; CI starts one with ``sudo tools/slurm_cluster.sh start`` and exports
 the SLURM_CONF it prints): a two-node job, torchrun + gloo all_reduce across the two nodes, USR1 ->
 trap -> ``scontrol requeue`` -> second run, and slurm/stage.sbatch end to end with a fake trainer (a
-stand-in ``icot`` package found first on sys.path because the job runs in its folder): preemption,
-checkpoint, requeue and resume; a finished stage never requeues; a failing trainer fails the job.
+stand-in ``icot`` package found first on sys.path because the job runs in its folder): preemption
+(with a USR1 sent while the ranks still ignore it), checkpoint, requeue and resume; a finished stage
+never requeues; a failing trainer fails the job. The same with the real trainer, and
+slurm/submit_pipeline.sh on the cluster: tests/test_slurm_trainer.py.
 """
 
 from __future__ import annotations
@@ -207,7 +209,7 @@ def submit_stage(stage, recipe, run_dir, *trainer_args, exports=None, sbatch_arg
 
 def stage_log(run_dir, stage, job_id):
     path = Path(run_dir) / "logs" / f"icot-{stage}-{job_id}.out"
-    return path.read_text() if path.exists() else ""
+    return path.read_text(errors="replace") if path.exists() else ""  # tqdm bars of 2 ranks interleave
 
 
 @pytest.fixture(scope="module")
@@ -331,8 +333,15 @@ restart = os.environ.get("SLURM_RESTART_COUNT", "0")
 mode = os.environ.get("FAKE_MODE", "preempt")
 start = time.time()
 got = []
-signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))
-signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
+
+
+def install_handlers():
+    signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))
+    signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
+
+
+if mode != "late":
+    install_handlers()
 
 def finish(code):
     dist.destroy_process_group()
@@ -353,6 +362,10 @@ if resumed or mode == "done":
     if rank == 0:
         (sdir / "DONE").touch()
     finish(0)
+if mode == "late":  # like the real trainer: USR1 is honoured only once training runs
+    (sdir / f"starting-rank{rank}-run{restart}").touch()
+    time.sleep(4)  # "start-up": USR1 is still ignored here (the launcher's `trap "" USR1`)
+    install_handlers()
 (sdir / f"ready-rank{rank}-run{restart}").touch()
 for _ in range(1200):
     if got:
@@ -399,12 +412,17 @@ def _wait_ready(sdir, job, run):
 
 @needs_slurm
 def test_stage_template_preempt_requeue_resume(cluster, fake_trainer, tmp_path):
+    """USR1 -> every rank -> checkpoint -> requeue -> resume. The USR1 arrives while the ranks still
+    ignore it (the real trainer installs its handler when training starts), so this also checks that
+    the batch shell repeats it (every ICOT_USR1_REPEAT s) until the step ends."""
     work, env_file, recipe = fake_trainer
     run_dir = tmp_path / "run"
     sdir = run_dir / "teacher"
     job, _, _ = submit_stage("teacher", recipe, run_dir, "--pos.arg=1", cwd=work, wait=False,
-                             exports={"ICOT_ENV": str(env_file), "EXTRA_ARGS": "--train.lr=0.5 --x=y"})
-    _wait_ready(sdir, job, 0)
+                             exports={"ICOT_ENV": str(env_file), "EXTRA_ARGS": "--train.lr=0.5 --x=y",
+                                      "FAKE_MODE": "late", "ICOT_USR1_REPEAT": "2"})
+    wait_for(lambda: len(list(sdir.glob("starting-rank*-run0"))) == 2 or
+             job_info(job).get("JobState") in TERMINAL, 180, "both fake trainer ranks to start")
     # what --signal=B:USR1@120 does near the time limit
     _slurm("scancel", "--signal=USR1", "--batch", job)
     info = wait_job(job, timeout=240)
@@ -421,7 +439,7 @@ def test_stage_template_preempt_requeue_resume(cluster, fake_trainer, tmp_path):
         assert rec["argv"][4:] == [f"--run_dir={run_dir}", "--train.resume=auto", "--train.lr=0.5", "--x=y",
                                    "--pos.arg=1"]
         assert rec["resumed"] == name.endswith("run1")
-    assert recs["rank0-run0"]["signals"] == [10] and recs["rank1-run0"]["signals"] == [10]
+    assert recs["rank0-run0"]["signals"][:1] == [10] and recs["rank1-run0"]["signals"][:1] == [10], recs
     assert len({recs["rank0-run0"]["node"], recs["rank1-run0"]["node"]}) == 2
     assert "requeueing job" in log and "finished (DONE)" in log, log
 
@@ -454,35 +472,3 @@ def test_stage_template_failing_trainer_fails_job(cluster, fake_trainer, tmp_pat
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0", (info, log)
     assert not (run_dir / "emulation" / "DONE").exists()
     assert "step failed" in log, log
-
-
-@needs_slurm
-def test_submit_pipeline_on_cluster(cluster, fake_trainer, tmp_path):
-    """slurm/submit_pipeline.sh for real: dependencies hold, every stage ran on two nodes, eval on one."""
-    work, env_file, recipe = fake_trainer
-    run_dir = tmp_path / "run"
-    env = dict(os.environ, ICOT_ENV=str(env_file), FAKE_MODE="done")
-    res = _slurm(str(ROOT / "slurm" / "submit_pipeline.sh"), str(recipe), str(run_dir), "--time=10",
-                 env=env, cwd=work)
-    ids = dict(re.findall(r"^(\w+)\s+(\d+)\b", res.stdout, re.M))
-    stages = ["teacher", "no_cot", "mind_reading", "emulation", "coupling"]
-    assert set(ids) == {*stages, "eval"}, res.stdout
-    infos = {stage: wait_job(job, timeout=300) for stage, job in ids.items()}
-    logs = "".join(p.read_text() for p in sorted((run_dir / "logs").glob("*.out")))
-    assert all(i["JobState"] == "COMPLETED" for i in infos.values()), (infos, logs)
-    start = {}
-    for stage in stages:
-        assert (run_dir / stage / "DONE").exists(), logs
-        recs = _records(run_dir / stage)
-        assert len(recs) == 2 and len({r["node"] for r in recs.values()}) == 2, recs
-        start[stage] = min(r["start"] for r in recs.values())
-    done = {stage: (run_dir / stage / "DONE").stat().st_mtime for stage in stages}
-    assert start["mind_reading"] > done["teacher"] and start["emulation"] > done["teacher"]
-    assert start["coupling"] > max(done["mind_reading"], done["emulation"])
-    ev = json.loads((run_dir / "eval.json").read_text())
-    assert ev["time"] > max(done.values()) and ev["nodes"] == "1"
-    assert ev["argv"] == ["pipeline", "--config", str(recipe), f"--run_dir={run_dir}", "--only=eval"]
-    # submitting again skips the finished stages and only evaluates
-    again = _slurm(str(ROOT / "slurm" / "submit_pipeline.sh"), str(recipe), str(run_dir), env=env, cwd=work)
-    assert again.stdout.count("skipped") == 5, again.stdout
-    wait_job(re.search(r"^eval\s+(\d+)", again.stdout, re.M).group(1), timeout=120)

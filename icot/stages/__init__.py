@@ -29,9 +29,8 @@ def run_stage(name: str, overrides: list[str]) -> str:
     Everything that can be wrong with the input (config, earlier stages, data, shapes) is checked
     before the stage folder is written, so a failed start loses nothing.
     """
-    from icot.engine import Strategy
-    from icot.loop import Trainer
-    from icot.stages.common import DONE_MARKER, PREEMPTED_MARKER, input_folders, load_split, load_tokenizer
+    from icot.loop import StopRequest
+    from icot.stages.common import DONE_MARKER
 
     cls = stage_class(name)
     recipe, rest = split_recipe(overrides)
@@ -41,6 +40,16 @@ def run_stage(name: str, overrides: list[str]) -> str:
         print(f"[icot {name}] {paths.root} is already complete; nothing to do")
         return "skipped"
 
+    with StopRequest() as stop:
+        return train_stage(cls, config, paths, stop)
+
+
+def train_stage(cls, config: StageConfig, paths: Paths, stop) -> str:
+    from icot.engine import Strategy
+    from icot.loop import Trainer, seed_everything
+    from icot.stages.common import DONE_MARKER, PREEMPTED_MARKER, input_folders, load_split, load_tokenizer
+
+    name = config.stage
     strategy = Strategy(config.train).init_distributed()
     inputs = input_folders(config)
     fallback = next((folder / "export" for folder in inputs.values()), None)
@@ -50,14 +59,16 @@ def run_stage(name: str, overrides: list[str]) -> str:
     if train_set is None:
         raise UserError("data.train: no training file given")
     valid_set = load_split(config, tokenizer, "valid")
+    seed_everything(config.train.seed)  # the same initial weights in every run and on every rank
     model = stage.build()
+    seed_everything(config.train.seed + strategy.rank)  # dropout: a different stream per rank
 
     if strategy.is_main:
         write_stage_files(config, strategy, paths)
     trainer = Trainer(stage, config, strategy, paths, train_set, valid_set)
     started = time.time()
     trainer.setup(model)
-    status = trainer.train()
+    status = trainer.train(stop)
     if status == "done":
         state_dict = strategy.state_dict_for_export(trainer.engine)
         if strategy.is_main:

@@ -24,7 +24,7 @@ class EmulationStage(Stage):
             decoder = prepare_decoder(self.strategy.load_pretrained(
                 lambda: load_component(teacher_export, expect="decoder")), self.config, dropout=0.0)
         else:
-            decoder = fresh_decoder(self.config, self.tokenizer, dropout=0.0)
+            decoder = fresh_decoder(self.config, self.tokenizer, dropout=0.0, strategy=self.strategy)
         # `token`: one component per vocabulary token, supervised by the CoT token at t_l.
         mixture_size = len(self.tokenizer) if method.mixture == "token" else 1
         emulator = Emulator(decoder, mixture_size=mixture_size, temperature=method.mixture_temperature)

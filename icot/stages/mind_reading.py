@@ -28,7 +28,7 @@ class MindReadingStage(Stage):
             decoder = prepare_decoder(self.strategy.load_pretrained(
                 lambda: load_component(teacher_export, expect="decoder")), self.config, dropout=0.0)
         else:
-            decoder = fresh_decoder(self.config, self.tokenizer, dropout=0.0)
+            decoder = fresh_decoder(self.config, self.tokenizer, dropout=0.0, strategy=self.strategy)
         student = Student(decoder)
         check_compatible(teacher=teacher, student=student)
         self.teacher = self.strategy.prepare_frozen(teacher)

@@ -12,7 +12,7 @@ class NoCotStage(Stage):
     generation_target = "nocot"
 
     def build(self):
-        return fresh_decoder(self.config, self.tokenizer, dropout=0.0)
+        return fresh_decoder(self.config, self.tokenizer, dropout=0.0, strategy=self.strategy)
 
     def loss(self, model, batch):
         nocot = batch["nocot"]

@@ -12,7 +12,7 @@ class TeacherStage(Stage):
     generation_target = "cot"
 
     def build(self):
-        return fresh_decoder(self.config, self.tokenizer, dropout=self.config.model.dropout)
+        return fresh_decoder(self.config, self.tokenizer, dropout=self.config.model.dropout, strategy=self.strategy)
 
     def loss(self, model, batch):
         cot = batch["cot"]
