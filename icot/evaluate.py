@@ -1,10 +1,60 @@
-"""Evaluation: exact match of the answer after `####`, for generated token ids."""
+"""Evaluation of the three modes by one harness (DESIGN.md section 3).
+
+- no_cot:   the no-CoT baseline (`<run>/no_cot/export`) answers right after the prompt;
+- explicit: the teacher (`<run>/teacher/export`) writes CoT, separator and answer;
+- implicit: the coupled emulator + student (`<run>/coupling/export/{emulator,student}`): one emulator
+            pass over the prompt, then the student's greedy decoding with the states injected.
+
+Measured on a data file (`INPUT||COT #### ANSWER` lines, through `load_examples` + `tokenize_dataset`):
+
+- accuracy: exact match of the answer after `####`, commas removed (`answers_match`);
+- token accuracy: teacher-forced greedy next-token accuracy on the labelled tokens (everything after the
+  first separator) of the view the mode generates: with-CoT for explicit, without-CoT for no_cot and
+  implicit (the implicit forward is the coupled model's: emulator states injected into the student);
+- throughput: examples per second over the whole evaluated set, at batch size 1 (the paper's protocol)
+  and batched. Only decoding is timed (the generate calls, which for implicit include the emulator pass),
+  after one untimed warm-up batch; batches are collated before the clock starts. The CPU time of the
+  same span is reported too (`decode_cpu_seconds_by_batch_size`): with one thread per process it is
+  what the decoding costs, whatever else runs on a shared machine. For implicit on a CPU the emulator's
+  one-step LSTM runs on PyTorch's native kernel rather than oneDNN's (see `native_cpu_lstm`).
+
+`max_new_tokens` defaults to the longest reference continuation of the mode's view over the evaluated
+set (CoT + separator + `#### answer` + separator for explicit, `#### answer` + separator otherwise) plus
+MAX_NEW_TOKENS_MARGIN, the cap the training loop's validation uses: a model that has learnt the format
+always stops by itself before it, and one that has not cannot run away.
+
+Under several ranks (torchrun) rank r evaluates examples r, r + world, ...; every rank runs the same
+number of batches (a rank whose shard is exhausted decodes a padding batch whose output is dropped),
+decoding is rank-synchronised (`synced=True`: ranks keep stepping until every rank is done, as ZeRO-3
+requires), and counts are summed with one all-reduce. Timed sections start and end with a barrier, so
+their length is the wall time of the whole set across ranks.
+"""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
 from icot.data.reader import normalize_answer
+from icot.errors import UserError
 
 ANSWER_MARKER = "####"
+MODES = ("no_cot", "explicit", "implicit")
+STAGE_OF_MODE = {"no_cot": "no_cot", "explicit": "teacher", "implicit": "coupling"}
+VIEW_OF_MODE = {"no_cot": "nocot", "explicit": "cot", "implicit": "nocot"}
+MAX_NEW_TOKENS_MARGIN = 4
+DEFAULT_BATCH_SIZE = 32
+IGNORE_INDEX = -100
 
 
 def generated_answer(tokenizer, ids: list[int]) -> str | None:
@@ -17,3 +67,486 @@ def generated_answer(tokenizer, ids: list[int]) -> str | None:
 
 def answers_match(tokenizer, ids: list[int], reference: str) -> bool:
     return generated_answer(tokenizer, ids) == normalize_answer(reference)
+
+
+# --------------------------------------------------------------------------------------------------
+# What is evaluated: a mode, its model and tokenizer.
+
+
+@dataclass
+class ModeModel:
+    """A loaded model of one mode: a decoder (no_cot, explicit) or a CoupledModel (implicit)."""
+
+    mode: str
+    model: torch.nn.Module
+    tokenizer: object
+    separator_id: int
+    folder: Path | None = None
+
+    @property
+    def view(self) -> str:
+        return VIEW_OF_MODE[self.mode]
+
+    @property
+    def decoder(self) -> torch.nn.Module:
+        """The decoder that generates (the student's for implicit)."""
+        return self.model.student.decoder if self.mode == "implicit" else self.model
+
+    def generate(self, batch: dict[str, torch.Tensor], max_new_tokens: int, synced: bool = False) -> list[list[int]]:
+        """Greedy continuations of a left-padded prompt batch (`collate_generate`)."""
+        from icot.models.generation import generate_explicit, generate_implicit, generate_no_cot
+
+        decode = {"no_cot": generate_no_cot, "explicit": generate_explicit, "implicit": generate_implicit}[self.mode]
+        with self.kernels():
+            return decode(self.model, batch, self.separator_id, max_new_tokens, synced)
+
+    @torch.no_grad()
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Teacher-forced logits on a right-padded training batch of the mode's view (`collate_train`)."""
+        with self.kernels():
+            if self.mode == "implicit":
+                return self.model(batch["input_ids"], batch["attention_mask"], batch["first_sep"]).logits
+            return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    def kernels(self):
+        """For implicit in fp32 on a CPU, PyTorch's native LSTM kernel instead of oneDNN's (`native_cpu_lstm`)."""
+        weight = self.model.emulator.lstm.weight_ih_l0 if self.mode == "implicit" else None
+        if weight is not None and weight.device.type == "cpu" and weight.dtype == torch.float32:
+            return native_cpu_lstm()
+        return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def native_cpu_lstm():
+    """oneDNN off while active. The emulator runs its LSTM on one time step, once per layer; on a CPU,
+    PyTorch hands every such call to oneDNN, whose per-call setup dominates: 3 to 13 ms per call measured
+    for H = 768 (12 calls per example), against about 1 ms with PyTorch's native kernel (same math, states
+    equal to 2e-7). In fp32 the decoders' matrix products do not go through oneDNN and are unaffected."""
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = previous
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise UserError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    return mode
+
+
+def _holds_mode(mode: str, folder: Path) -> bool:
+    if mode == "implicit":
+        return (folder / "emulator").is_dir() and (folder / "student").is_dir()
+    return (folder / "config.json").is_file()
+
+
+def resolve_mode_folder(mode: str, path: str | os.PathLike) -> Path:
+    """The export folder of `mode` in `path`: a run folder (`<path>/<stage>/export`), a stage folder
+    (`<path>/export`) or the export folder itself."""
+    check_mode(mode)
+    path = Path(path)
+    stage = STAGE_OF_MODE[mode]
+    candidates = (path / stage / "export", path / "export", path)
+    for folder in candidates:
+        if _holds_mode(mode, folder):
+            return folder
+    what = "emulator/ and student/ folders" if mode == "implicit" else "a model (config.json)"
+    if not path.exists():
+        raise UserError(f"{path}: no such folder")
+    raise UserError(f"{path}: no {mode} model: looked for {what} in {candidates[0]} (a run folder), "
+                    f"{candidates[1]} (a stage folder) and {path}; train the {stage} stage first")
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{folder}: cannot load a tokenizer from it ({str(err).splitlines()[0]})") from None
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"{folder}: the tokenizer has no EOS token, which icot uses as the separator")
+    return tokenizer
+
+
+def load_mode_model(mode: str, folder: str | os.PathLike, device: torch.device | str = "cpu") -> ModeModel:
+    """The model and tokenizer of `mode` from its export folder (see `resolve_mode_folder`)."""
+    from icot.models.coupled import CoupledModel
+    from icot.models.io import load_component
+
+    folder = resolve_mode_folder(mode, folder)
+    if mode == "implicit":
+        emulator = load_component(folder / "emulator", expect="emulator")
+        student = load_component(folder / "student", expect="student")
+        model = CoupledModel(emulator, student)
+        tokenizer = load_tokenizer(folder / "student")
+    else:
+        model = load_component(folder, expect="decoder")
+        tokenizer = load_tokenizer(folder)
+    model.to(device).eval()
+    return ModeModel(mode, model, tokenizer, tokenizer.eos_token_id, folder)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data, caps, sharding.
+
+
+def load_eval_set(data_path: str | os.PathLike, tokenizer, max_examples: int | None = None) -> list[dict]:
+    """Tokenized examples (cot_ids, nocot_ids, prompt_len, answer) of a data file, the first
+    `max_examples` of them when given."""
+    from icot.data.reader import load_examples
+    from icot.data.views import tokenize_dataset
+
+    examples = load_examples(data_path)
+    if max_examples is not None:
+        if max_examples < 1:
+            raise UserError(f"max_examples must be at least 1, got {max_examples}")
+        examples = examples.select(range(min(max_examples, len(examples))))
+    return tokenize_dataset(examples, tokenizer).to_list()
+
+
+def continuation_length(feature: dict, view: str) -> int:
+    """Tokens after the prompt in the reference `view` of an example (through the final separator)."""
+    return len(feature[f"{view}_ids"]) - int(feature["prompt_len"])
+
+
+def default_max_new_tokens(features: Sequence[dict], mode: str) -> int:
+    """The longest reference continuation of the mode's view, plus MAX_NEW_TOKENS_MARGIN."""
+    return max(continuation_length(f, VIEW_OF_MODE[mode]) for f in features) + MAX_NEW_TOKENS_MARGIN
+
+
+def position_limit(decoder: torch.nn.Module) -> int | None:
+    config = decoder.config
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
+def fit_positions(decoder: torch.nn.Module, features: Sequence[dict], max_new_tokens: int, given: bool) -> int:
+    """`max_new_tokens`, lowered to what the model's positions leave after the longest prompt when it was
+    derived from the data; a value given by the user that does not fit is an error."""
+    limit = position_limit(decoder)
+    longest = max(int(f["prompt_len"]) for f in features)
+    if limit is None or longest + max_new_tokens <= limit:
+        return max_new_tokens
+    if given or longest >= limit:
+        raise UserError(f"the longest prompt ({longest} tokens) plus max_new_tokens={max_new_tokens} exceeds "
+                        f"the model's {limit} positions; lower --max_new_tokens or leave out the longest examples")
+    return limit - longest
+
+
+def shard_batches(num_examples: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
+    """This rank's batches of example indices (rank r holds r, r + world, ...). Every rank gets the same
+    number of batches; an empty list is a padding batch, run for the collectives and then dropped."""
+    if batch_size < 1:
+        raise UserError(f"batch size must be at least 1, got {batch_size}")
+    mine = list(range(rank, num_examples, world_size))
+    count = math.ceil(math.ceil(num_examples / world_size) / batch_size)
+    return [mine[b * batch_size:(b + 1) * batch_size] for b in range(count)]
+
+
+class _Ranks:
+    """Rank, world size and the two collectives the harness needs, from a Strategy or for one process."""
+
+    def __init__(self, strategy=None):
+        self.strategy = strategy
+        self.rank = strategy.rank if strategy is not None else 0
+        self.world_size = strategy.world_size if strategy is not None else 1
+
+    @property
+    def synced(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.strategy is not None:
+            self.strategy.barrier()
+
+    def sum(self, values: dict[str, float]) -> dict[str, float]:
+        return self.strategy.all_reduce_sum(values) if self.strategy is not None else dict(values)
+
+    def gather(self, items: list) -> list:
+        if self.world_size == 1:
+            return items
+        import torch.distributed as dist
+
+        gathered: list = [None] * self.world_size
+        dist.all_gather_object(gathered, items)
+        return [item for part in gathered for item in part]
+
+
+def _to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# The measurements.
+
+
+@dataclass
+class DecodePass:
+    generated: dict[int, list[int]]   # example index -> generated ids (this rank's examples)
+    seconds: float                    # wall time of the timed decoding (barrier to barrier)
+    cpu_seconds: float = 0.0          # this process's CPU time over the same span (all its threads)
+
+
+def decode_pass(mode_model: ModeModel, features: Sequence[dict], batch_size: int, max_new_tokens: int,
+                ranks: _Ranks | None = None, device="cpu", warmup: bool = True) -> DecodePass:
+    """Greedy decoding of this rank's shard in batches of `batch_size`, timing only the generate calls."""
+    from icot.data.collate import collate_generate
+
+    ranks = ranks or _Ranks()
+    batches = []
+    for rows in shard_batches(len(features), batch_size, ranks.rank, ranks.world_size):
+        chosen = [features[i] for i in (rows or [0])]
+        batches.append((rows, _to_device(collate_generate(chosen, mode_model.separator_id), device)))
+    if warmup and batches:
+        mode_model.generate(batches[0][1], max_new_tokens, ranks.synced)
+    outputs = []
+    ranks.barrier()
+    started, cpu_started = time.perf_counter(), time.process_time()
+    for rows, batch in batches:
+        outputs.append((rows, mode_model.generate(batch, max_new_tokens, ranks.synced)))
+    cpu_seconds = time.process_time() - cpu_started
+    ranks.barrier()
+    seconds = time.perf_counter() - started
+    generated = {index: ids for rows, rows_ids in outputs for index, ids in zip(rows, rows_ids)}
+    return DecodePass(generated, seconds, cpu_seconds)
+
+
+def token_counts(mode_model: ModeModel, features: Sequence[dict], batch_size: int, ranks: _Ranks | None = None,
+                 device="cpu") -> tuple[int, int]:
+    """(correctly predicted, labelled) next tokens of this rank's shard, teacher forced on the mode's view."""
+    from icot.data.collate import collate_train
+
+    ranks = ranks or _Ranks()
+    correct = labelled = 0
+    for rows in shard_batches(len(features), batch_size, ranks.rank, ranks.world_size):
+        chosen = [features[i] for i in (rows or [0])]
+        batch = _to_device(collate_train(chosen, mode_model.view, mode_model.separator_id), device)
+        predicted = mode_model.logits(batch)[:, :-1].argmax(dim=-1)
+        targets = batch["labels"][:, 1:]
+        mask = targets != IGNORE_INDEX
+        if rows:
+            correct += int((predicted.eq(targets) & mask).sum())
+            labelled += int(mask.sum())
+    return correct, labelled
+
+
+def _default_device(strategy=None) -> torch.device:
+    if strategy is not None:
+        return strategy.device
+    from icot.engine import use_cpu
+
+    return torch.device("cpu") if use_cpu() else torch.device("cuda")
+
+
+def evaluate_loaded(mode_model: ModeModel, features: Sequence[dict],
+                    batch_sizes: Sequence[int] = (1, DEFAULT_BATCH_SIZE), strategy=None,
+                    max_new_tokens: int | None = None, warmup: bool = True, return_predictions: bool = False,
+                    device=None) -> dict:
+    """`evaluate_mode` on a model and tokenized examples already in memory (see `evaluate_mode`)."""
+    started = time.perf_counter()
+    ranks = _Ranks(strategy)
+    device = device if device is not None else _default_device(strategy)
+    if not features:
+        raise UserError("no examples to evaluate")
+    sizes = sorted(set(int(b) for b in batch_sizes))
+    if not sizes or sizes[0] < 1:
+        raise UserError(f"batch sizes must be at least 1, got {list(batch_sizes)}")
+    given = max_new_tokens is not None
+    if max_new_tokens is None:
+        max_new_tokens = default_max_new_tokens(features, mode_model.mode)
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    wanted = max_new_tokens
+    max_new_tokens = fit_positions(mode_model.decoder, features, max_new_tokens, given)
+
+    passes = {size: decode_pass(mode_model, features, size, max_new_tokens, ranks, device, warmup) for size in sizes}
+    batched = sizes[-1]
+    sums = {}
+    for size, result in passes.items():
+        sums[f"correct_{size}"] = float(sum(answers_match(mode_model.tokenizer, ids, features[i]["answer"])
+                                            for i, ids in result.generated.items()))
+        sums[f"answered_{size}"] = float(sum(generated_answer(mode_model.tokenizer, ids) is not None
+                                             for ids in result.generated.values()))
+        sums[f"seconds_{size}"] = result.seconds
+        sums[f"cpu_seconds_{size}"] = result.cpu_seconds
+    sums["examples"] = float(len(passes[batched].generated))
+    sums["correct_tokens"], sums["label_tokens"] = (float(c) for c in token_counts(
+        mode_model, features, batched, ranks, device))
+    totals = ranks.sum(sums)
+
+    examples = int(totals["examples"])
+    seconds = {size: totals[f"seconds_{size}"] / ranks.world_size for size in sizes}
+    accuracy = {size: totals[f"correct_{size}"] / examples for size in sizes}
+    result = {
+        "mode": mode_model.mode,
+        "model": str(mode_model.folder) if mode_model.folder is not None else None,
+        "examples": examples,
+        "accuracy": accuracy[batched],
+        "token_accuracy": totals["correct_tokens"] / max(totals["label_tokens"], 1.0),
+        "examples_per_s_batch1": examples / seconds[1] if 1 in seconds else None,
+        "examples_per_s_batched": examples / seconds[batched],
+        "batch_size": batched,
+        "seconds": None,  # filled below: the whole evaluation's wall time
+        "answered": totals[f"answered_{batched}"] / examples,
+        "label_tokens": int(totals["label_tokens"]),
+        "accuracy_by_batch_size": {str(size): accuracy[size] for size in sizes},
+        "decode_seconds_by_batch_size": {str(size): seconds[size] for size in sizes},
+        # CPU time of the decoding, summed over ranks: on a shared machine with one thread per rank
+        # it is the better estimate of what the decoding costs when nothing else runs.
+        "decode_cpu_seconds_by_batch_size": {str(size): totals[f"cpu_seconds_{size}"] for size in sizes},
+        "examples_per_s_by_batch_size": {str(size): examples / seconds[size] for size in sizes},
+        "max_new_tokens": max_new_tokens,
+        "max_new_tokens_from": "argument" if given else (
+            f"data (longest reference + {MAX_NEW_TOKENS_MARGIN})" if wanted == max_new_tokens else
+            f"data (longest reference + {MAX_NEW_TOKENS_MARGIN} = {wanted}, lowered to fit the model's positions)"),
+        "world_size": ranks.world_size,
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if return_predictions:
+        mine = [(i, generated_answer(mode_model.tokenizer, ids)) for i, ids in passes[batched].generated.items()]
+        result["predictions"] = [answer for _, answer in sorted(ranks.gather(mine))]
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+def evaluate_mode(mode: str, folder_or_run: str | os.PathLike, data_path: str | os.PathLike,
+                  batch_sizes: Sequence[int] = (1, DEFAULT_BATCH_SIZE), max_examples: int | None = None,
+                  strategy=None, *, max_new_tokens: int | None = None, warmup: bool = True,
+                  return_predictions: bool = False) -> dict:
+    """Accuracy, token accuracy and throughput of `mode` on a data file.
+
+    `folder_or_run`: a run folder (the mode's stage export is taken from it), a stage folder or an
+    export folder. `batch_sizes`: every size is decoded over the whole set and timed; accuracy and
+    `examples_per_s_batched` come from the largest, `examples_per_s_batch1` from size 1 (None if 1 is
+    not among them). `strategy`: an initialised `icot.engine.Strategy` to shard across its ranks (every
+    rank must call; every rank gets the gathered result); None evaluates everything in this process.
+
+    Returns a dict with keys accuracy, token_accuracy, examples, examples_per_s_batch1,
+    examples_per_s_batched, batch_size, seconds (wall time of the whole call), and details: mode,
+    model, answered (fraction of outputs with `####`), accuracy_by_batch_size,
+    decode_seconds_by_batch_size, examples_per_s_by_batch_size, max_new_tokens, world_size, device,
+    and `predictions` (normalised answer or None per example, in file order) if asked for.
+    """
+    started = time.perf_counter()
+    check_mode(mode)
+    if not Path(data_path).is_file():
+        raise UserError(f"{data_path}: no such data file")
+    device = _default_device(strategy)
+    mode_model = load_mode_model(mode, folder_or_run, device)
+    features = load_eval_set(data_path, mode_model.tokenizer, max_examples)
+    result = evaluate_loaded(mode_model, features, batch_sizes, strategy, max_new_tokens=max_new_tokens,
+                             warmup=warmup, return_predictions=return_predictions, device=device)
+    result["data"] = str(data_path)
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line.
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one-line UserErrors (exit 2 through the icot CLI)."""
+
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message}")
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="icot eval", description="Accuracy, token accuracy and throughput of one mode.")
+    parser.add_argument("--mode", required=True, choices=MODES)
+    parser.add_argument("--data", required=True, help="a data file of INPUT||COT #### ANSWER lines")
+    parser.add_argument("--run_dir", help="a run folder: the mode's stage export is read from it")
+    parser.add_argument("--model", help="an export (or stage) folder; overrides --run_dir")
+    parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="the batched size (default 32)")
+    parser.add_argument("--max_examples", type=int, help="evaluate the first N examples only")
+    parser.add_argument("--max_new_tokens", type=int,
+                        help=f"generation cap; default: the longest reference continuation of the mode's view "
+                             f"in the data + {MAX_NEW_TOKENS_MARGIN}")
+    parser.add_argument("--skip_batch1", action="store_true",
+                        help="skip the batch-1 pass (examples_per_s_batch1 is then null)")
+    parser.add_argument("--out", help="write the JSON result here")
+    parser.add_argument("--tb", help="write TensorBoard scalars eval/<mode>/<metric> into this folder")
+    parser.add_argument("--step", type=int, default=0, help="the TensorBoard step of the scalars (default 0)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice); on a "
+                                                    "busy CPU, 1 is often much faster for small models")
+    return parser
+
+
+def write_tensorboard(folder: str | os.PathLike, result: dict, step: int = 0) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(folder))
+    try:
+        for key in ("accuracy", "token_accuracy", "examples_per_s_batch1", "examples_per_s_batched", "answered"):
+            if result.get(key) is not None:
+                writer.add_scalar(f"eval/{result['mode']}/{key}", result[key], step)
+        writer.flush()
+    finally:
+        writer.close()
+
+
+def _distributed_strategy():
+    """A Strategy over torchrun's ranks, or None in a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from icot.config import TrainConfig
+    from icot.engine import Strategy
+
+    world = int(os.environ["WORLD_SIZE"])
+    return Strategy(TrainConfig(batch_size=world)).init_distributed()
+
+
+def evaluate_cli(overrides: list[str]) -> None:
+    """`icot eval --mode M --data FILE [--run_dir RUN | --model PATH] [...]`: print and write the JSON."""
+    args = eval_parser().parse_args(overrides)
+    if args.model is None and args.run_dir is None:
+        raise UserError("icot eval: give --run_dir RUN or --model PATH")
+    for name in ("batch_size", "max_examples", "max_new_tokens", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"icot eval: --{name} must be at least 1, got {value}")
+    if args.model is not None:
+        folder = resolve_mode_folder(args.mode, args.model)
+    else:
+        folder = Path(args.run_dir) / STAGE_OF_MODE[args.mode] / "export"
+        if not _holds_mode(args.mode, folder):
+            raise UserError(f"{folder}: no {args.mode} export; train the {STAGE_OF_MODE[args.mode]} stage first "
+                            f"(icot train {STAGE_OF_MODE[args.mode]}) or pass --model")
+    if not Path(args.data).is_file():
+        raise UserError(f"--data: {args.data}: no such data file")
+    sizes = (args.batch_size,) if args.skip_batch1 else (1, args.batch_size)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    strategy = _distributed_strategy()
+    try:
+        result = evaluate_mode(args.mode, folder, args.data, batch_sizes=sizes, max_examples=args.max_examples,
+                               strategy=strategy, max_new_tokens=args.max_new_tokens)
+    except BaseException:
+        if strategy is not None:  # no barrier: the other ranks may be inside another collective
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+        raise
+    if strategy is None or strategy.is_main:
+        text = json.dumps(result, indent=2)
+        print(text)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(text + "\n")
+        if args.tb:
+            write_tensorboard(args.tb, result, args.step)
+    if strategy is not None:
+        strategy.shutdown()
+        # Under torchrun the process then ends without interpreter finalization. A gloo worker thread can
+        # still be releasing the last collective's work object, whose tensors hold Python references; if
+        # that happens during finalization it takes the GIL from a dying interpreter and the process aborts
+        # ("terminate called without an active exception", exit -6) after a successful run: seen in about
+        # 1 run in 10 on a 2-core machine (gdb: c10d::ProcessGroupGloo::runLoop -> ~AsyncAllreduceWork ->
+        # decref_pyobject -> take_gil). Everything is written and flushed by now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

@@ -1,0 +1,54 @@
+"""`icot bench` end to end with tiny shapes: it runs, forces the real lengths, and writes every ratio."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from icot.bench import build_task, parse_task
+from icot.errors import UserError
+
+
+def test_task_lengths_come_from_rendered_lines():
+    task = build_task("4x4", examples=3, seed=0)
+    # ` a a a a * b b b b <sep>`, then `#### 8 digits <sep>`; the CoT of 4x4 is 46 words.
+    assert task.prompt_len == 10
+    assert task.new_tokens == {"no_cot": 10, "explicit": 57, "implicit": 10}
+    assert len(task.features) == 3 and task.cot_view_length == 67
+    with pytest.raises(UserError, match="expected shapes like 4x4"):
+        parse_task("4by4")
+    with pytest.raises(UserError, match="digits must be between"):
+        parse_task("1x4")
+
+
+def test_bench_writes_every_ratio(tmp_path):
+    out = tmp_path / "docs" / "bench.json"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "icot", "bench", "--task", "2x2,4x4", "--layers", "2", "--hidden", "32",
+               "--heads", "2", "--vocab", "0", "--examples", "4", "--batch_size", "2", "--repeats", "1",
+               "--train_batch", "4", "--train_steps", "1", "--train_warmup", "1", "--tiny_layers", "1",
+               "--tiny_hidden", "16", "--threads", "1", "--out", str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    report = json.loads(out.read_text())
+    for task in ("2x2", "4x4"):
+        ratios = report["ratios"]["inference"][task]
+        assert set(ratios) == {"implicit_over_no_cot_batch1", "implicit_over_no_cot_batched",
+                               "implicit_over_explicit_batch1", "implicit_over_explicit_batched"}
+        assert all(value > 0 for value in ratios.values())
+        eps = report["tasks"][task]["inference"]["examples_per_s"]
+        assert set(eps) == {"no_cot", "explicit", "implicit"} and all(set(v) == {"1", "2"} for v in eps.values())
+        assert "ms_per_example" in report["tasks"][task]["profile_implicit"]["1"]
+    assert set(report["ratios"]["train_step"]) == {"tiny", "2x32"}
+    for entry in report["training"].values():
+        assert set(entry["ms_per_step"]) == {"hand_step", "icot_strategy_step", "icot_trainer_step"}
+    names = {check["name"] for check in report["goals"]}
+    assert "implicit_over_explicit_batch1 (4x4)" in names and "implicit_over_explicit_batch1 (2x2)" not in names
+    assert {"train_step_ratio (tiny)", "train_step_ratio (2x32)"} <= names
+    assert "implicit / no_cot, batch 1" in proc.stdout and "icot/hand" in proc.stdout
