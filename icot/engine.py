@@ -198,13 +198,23 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+_SINGLE_PROCESS_MARK = "ICOT_SINGLE_PROCESS_PID"
+
+
 def _single_process_env() -> None:
-    """Without torchrun, act as rank 0 of 1 (a free port, so parallel test runs do not collide)."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    """Without torchrun, act as rank 0 of 1 on a free port (so parallel runs do not collide).
+
+    The variables are marked with this process's id: a child process that inherits them (a stage
+    started from a process that trained in-process) gets a fresh port instead of its parent's, which
+    the parent's store still holds."""
+    mark = os.environ.get(_SINGLE_PROCESS_MARK, "")
+    # Inherited: our own marked values, unchanged (a launcher like torchrun would have set its own port).
+    inherited = mark == f"{mark.split(':')[0]}:{os.environ.get('MASTER_PORT')}" and not mark.startswith(f"{os.getpid()}:")
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not inherited:
         return
-    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    port = str(_free_port())
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": port, _SINGLE_PROCESS_MARK: f"{os.getpid()}:{port}"})
 
 
 def use_cpu() -> bool:
