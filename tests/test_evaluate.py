@@ -1,6 +1,7 @@
 """The evaluation harness (`icot eval`, `icot.evaluate.evaluate_mode`) against direct reference computations.
 
-A tiny run is built once: a word tokenizer and 2x2 multiplication data; a teacher (with-CoT view), a
+A tiny run is built once per module: a word tokenizer and 2x2 + 3x2 multiplication data (the test file
+alternates them, so prompts get left padded and answers differ in length); a teacher (with-CoT view), a
 no-CoT decoder and a coupled emulator + student, each trained a few dozen AdamW steps by hand and saved
 as the stages export them (`<run>/teacher/export`, `<run>/no_cot/export`,
 `<run>/coupling/export/{emulator,student}`, tokenizer beside each component).
@@ -353,8 +354,8 @@ def test_icot_eval_bad_mode_exits_2_with_one_line(tmp_path):
 
 
 def test_two_ranks_give_the_same_result_as_one(tiny_run, references, tmp_path):
-    """Nine examples over two ranks (shards of 5 and 4, so one rank runs a padding batch); decoding is
-    rank-synchronised and the lengths differ between examples."""
+    """Nine examples over two ranks: shards of 5 (the 2x2 examples) and 4 (the 3x2 ones), so one rank runs
+    a padding batch and the ranks stop generating at different steps; decoding is rank-synchronised."""
     assert len(set(references["implicit"]["lengths"])) > 1   # ranks finish at different steps
     path, expected = mixed_file(tiny_run, references, "implicit")
     cap = str(references["implicit"]["cap"])
