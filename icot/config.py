@@ -279,10 +279,8 @@ def _convert(raw: Raw, tp, key: str, flag: str):
             return False
         raise bad("true or false")
     if base is int:
-        try:
+        if value.strip().lstrip("+-").isdigit():
             return int(value)
-        except ValueError:
-            pass
         number = _to_float(value)
         if number is not None and number.is_integer():  # `1e4` steps is a fine way to write 10000
             return int(number)

@@ -26,7 +26,7 @@ CHECKPOINT_PREFIX = "step"
 
 
 class TrainingDiverged(UserError):
-    pass
+    """The loss became NaN or infinite; the message names the step."""
 
 
 @dataclass

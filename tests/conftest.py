@@ -17,3 +17,11 @@ def reference_data() -> Path:
         # Set but wrong is a broken setup, not a reason to skip quietly.
         pytest.fail(f"ICOT_REFERENCE_DATA={folder} is not a folder")
     return path
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    """The three test tokenizers (byte-level BPE, word-level, sentencepiece) built on sample lines."""
+    from tests.tokenizer_fixtures import SAMPLE_LINES, TOKENIZER_KINDS, build, line_segments
+
+    return {kind: build(kind, line_segments(SAMPLE_LINES)) for kind in TOKENIZER_KINDS}

@@ -5,7 +5,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from icot.data.collate import IGNORE_INDEX, collate_generate, collate_train
 from icot.data.tokenizer_build import EOS_TOKEN
 from icot.data.views import encode_example, separator_positions, tokenize_dataset
-from tests.tokenizer_fixtures import SAMPLE_LINES, TOKENIZER_KINDS, build, line_segments, read_lines, split_line
+from tests.tokenizer_fixtures import SAMPLE_LINES, TOKENIZER_KINDS, build, line_segments, read_lines, split_line, squash
 
 SEP = 0
 # Hand-written features: question [5, 6], CoT [7], answer [8, 9]; and question [4], CoT [7, 7, 7], answer [9].
@@ -15,15 +15,6 @@ HAND_FEATURES = [
 ]
 X = IGNORE_INDEX
 
-
-@pytest.fixture(scope="module")
-def tokenizers():
-    segments = line_segments(SAMPLE_LINES)
-    return {kind: build(kind, segments) for kind in TOKENIZER_KINDS}
-
-
-def squash(text: str) -> str:
-    return "".join(text.split())
 
 
 def encoded_lines(tokenizer, lines):

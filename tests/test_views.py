@@ -11,19 +11,9 @@ from icot.data.tokenizer_build import EOS_TOKEN, UNK_TOKEN
 from icot.data.views import (SequenceFormatError, encode_example, separator_positions, tokenize_dataset,
                              view_problem)
 from icot.errors import UserError
-from tests.tokenizer_fixtures import (GSM8K_LINES, MULTIPLICATION_LINES, SAMPLE_IDS, SAMPLE_LINES, TOKENIZER_KINDS, build,
+from tests.tokenizer_fixtures import (GSM8K_LINES, MULTIPLICATION_LINES, SAMPLE_IDS, SAMPLE_LINES, TOKENIZER_KINDS, build, squash,
                               line_segments, read_lines, split_line)
 
-
-@pytest.fixture(scope="module")
-def tokenizers():
-    segments = line_segments(SAMPLE_LINES)
-    return {kind: build(kind, segments) for kind in TOKENIZER_KINDS}
-
-
-def squash(text: str) -> str:
-    """Text without whitespace: tokenizers differ in how they decode spaces, never in the other characters."""
-    return "".join(text.split())
 
 
 def sample_dataset(lines=SAMPLE_LINES) -> datasets.Dataset:

@@ -82,3 +82,8 @@ def sentencepiece(segments: Sequence[str], vocab_size: int = 400):
 def build(kind: str, segments: Sequence[str]):
     builders = {"bpe": byte_level_bpe, "word": word_level, "sentencepiece": sentencepiece}
     return builders[kind](segments)
+
+
+def squash(text: str) -> str:
+    """Text without whitespace: tokenizers differ in how they decode spaces, never in the other characters."""
+    return "".join(text.split())

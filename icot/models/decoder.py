@@ -24,7 +24,7 @@ BlockInputEdit = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 class UnsupportedDecoderError(UserError):
-    pass
+    """A model whose decoder blocks icot cannot find."""
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
