@@ -274,10 +274,6 @@ class _Ranks:
         return [item for part in gathered for item in part]
 
 
-def _to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
-    return {key: value.to(device) for key, value in batch.items()}
-
-
 # --------------------------------------------------------------------------------------------------
 # The measurements.
 
@@ -292,13 +288,13 @@ class DecodePass:
 def decode_pass(mode_model: ModeModel, features: Sequence[dict], batch_size: int, max_new_tokens: int,
                 ranks: _Ranks | None = None, device="cpu", warmup: bool = True) -> DecodePass:
     """Greedy decoding of this rank's shard in batches of `batch_size`, timing only the generate calls."""
-    from icot.data.collate import collate_generate
+    from icot.data.collate import collate_generate, to_device
 
     ranks = ranks or _Ranks()
     batches = []
     for rows in shard_batches(len(features), batch_size, ranks.rank, ranks.world_size):
         chosen = [features[i] for i in (rows or [0])]
-        batches.append((rows, _to_device(collate_generate(chosen, mode_model.separator_id), device)))
+        batches.append((rows, to_device(collate_generate(chosen, mode_model.separator_id), device)))
     if warmup and batches:
         mode_model.generate(batches[0][1], max_new_tokens, ranks.synced)
     outputs = []
@@ -316,13 +312,13 @@ def decode_pass(mode_model: ModeModel, features: Sequence[dict], batch_size: int
 def token_counts(mode_model: ModeModel, features: Sequence[dict], batch_size: int, ranks: _Ranks | None = None,
                  device="cpu") -> tuple[int, int]:
     """(correctly predicted, labelled) next tokens of this rank's shard, teacher forced on the mode's view."""
-    from icot.data.collate import collate_train
+    from icot.data.collate import collate_train, to_device
 
     ranks = ranks or _Ranks()
     correct = labelled = 0
     for rows in shard_batches(len(features), batch_size, ranks.rank, ranks.world_size):
         chosen = [features[i] for i in (rows or [0])]
-        batch = _to_device(collate_train(chosen, mode_model.view, mode_model.separator_id), device)
+        batch = to_device(collate_train(chosen, mode_model.view, mode_model.separator_id), device)
         predicted = mode_model.logits(batch)[:, :-1].argmax(dim=-1)
         targets = batch["labels"][:, 1:]
         mask = targets != IGNORE_INDEX

@@ -159,3 +159,20 @@ def test_reference_lines_collate_correctly(kind, relative, reference_data):
     batch_lines = sorted(lines[:16], key=len)[::3]  # different lengths in one batch
     assert_training_batches_are_right(tokenizer, batch_lines)
     assert_generation_batch_is_right(tokenizer, batch_lines)
+
+
+def test_stage_batches_are_built_on_the_strategy_device():
+    # Training and validation batches must follow the model onto the accelerator; "meta" stands in for
+    # a device other than the CPU the collation runs on.
+    from types import SimpleNamespace
+
+    from icot.stages.mind_reading import MindReadingStage
+
+    strategy = SimpleNamespace(device=torch.device("meta"))
+    stage = MindReadingStage(None, strategy, SimpleNamespace(eos_token_id=SEP))
+    features = [dict(f, answer="") for f in HAND_FEATURES]
+    batch = stage.collate(features)
+    assert sorted(batch) == ["cot", "nocot"]
+    assert {t.device.type for view in batch.values() for t in view.values()} == {"meta"}
+    prompts, _ = stage.generation_batch(features)
+    assert {t.device.type for t in prompts.values()} == {"meta"}

@@ -90,3 +90,8 @@ def collate_generate(features: Sequence[dict], pad_id: int) -> dict[str, torch.T
         "position_ids": position_ids,
         "first_sep": torch.full((batch_size,), width - 1, dtype=torch.long),
     }
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+    """The batch's tensors on `device` (collation builds them on the CPU)."""
+    return {key: value.to(device) for key, value in batch.items()}

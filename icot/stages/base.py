@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from icot.config import StageConfig
-from icot.data.collate import collate_generate, collate_train
+from icot.data.collate import collate_generate, collate_train, to_device
 from icot.models.io import save_component
 from icot.stages.common import input_folders
 
@@ -56,7 +56,9 @@ class Stage(ABC):
 
     # -- train -----------------------------------------------------------------------------------
     def collate(self, features: Sequence[dict]) -> dict[str, dict[str, torch.Tensor]]:
-        return {view: collate_train(features, view, self.separator_id) for view in self.views}
+        """One right-padded batch per view, on the strategy's device."""
+        device = self.strategy.device
+        return {view: to_device(collate_train(features, view, self.separator_id), device) for view in self.views}
 
     @abstractmethod
     def loss(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
@@ -70,7 +72,7 @@ class Stage(ABC):
     def generation_batch(self, features: Sequence[dict]) -> tuple[dict[str, torch.Tensor], int]:
         """A left-padded prompt batch and a length cap: the longest reference continuation + 4."""
         longest = max(len(f[f"{self.generation_target}_ids"]) - int(f["prompt_len"]) for f in features)
-        return collate_generate(features, self.separator_id), longest + 4
+        return to_device(collate_generate(features, self.separator_id), self.strategy.device), longest + 4
 
     # -- finish ----------------------------------------------------------------------------------
     def export(self, model: nn.Module, state_dict: dict[str, torch.Tensor], folder: Path) -> None:

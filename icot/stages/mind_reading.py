@@ -11,7 +11,6 @@ from icot.models.student import Student
 from icot.models.teacher_states import parse_delta, teacher_states
 from icot.stages.base import Stage, lm_metrics, unwrap
 from icot.stages.common import fresh_decoder, prepare_decoder
-from icot.data.collate import collate_train
 
 
 class MindReadingStage(Stage):
@@ -47,7 +46,7 @@ class MindReadingStage(Stage):
     def generate(self, model, features, synced):
         """The student answering with the teacher's true states."""
         batch, cap = self.generation_batch(features)
-        states = self.states(collate_train(features, "cot", self.separator_id))
+        states = self.states(self.collate(features)["cot"])
         student = unwrap(model)
         with torch.no_grad(), student.injection(states, batch["first_sep"], prompt_pass_only=True):
             return greedy_decode(student.decoder, batch, self.separator_id, 1, cap, synced)
