@@ -110,6 +110,7 @@ class MethodConfig:
     mixture_temperature: float = _field(0.05, minimum=0.0)
     mixture_loss_weight: float = _field(1.0, minimum=0.0)
     init_from_teacher: bool = False
+    teacher_state_cache: bool = False   # mind_reading / emulation: teacher states computed once, not per step
     freeze: str = _field("none", choices=("none", "student", "emulator"))
 
 

@@ -61,6 +61,7 @@ def train_stage(cls, config: StageConfig, paths: Paths, stop) -> str:
     valid_set = load_split(config, tokenizer, "valid")
     seed_everything(config.train.seed)  # the same initial weights in every run and on every rank
     model = stage.build()
+    train_set = stage.prepare_train_set(train_set)
     seed_everything(config.train.seed + strategy.rank)  # dropout: a different stream per rank
 
     if strategy.is_main:

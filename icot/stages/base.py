@@ -54,11 +54,19 @@ class Stage(ABC):
     def build(self) -> nn.Module:
         """Create the trained module (and prepare frozen ones through the strategy)."""
 
+    def prepare_train_set(self, train_set):
+        """Called once the model is built; may precompute what training needs per example."""
+        return train_set
+
     # -- train -----------------------------------------------------------------------------------
-    def collate(self, features: Sequence[dict]) -> dict[str, dict[str, torch.Tensor]]:
-        """One right-padded batch per view, on the strategy's device."""
+    def collate(self, features: Sequence[dict]) -> dict:
+        """One right-padded batch per view, on the strategy's device, plus `rows` (training-set
+        indices) where the examples carry a `row` column."""
         device = self.strategy.device
-        return {view: to_device(collate_train(features, view, self.separator_id), device) for view in self.views}
+        batch = {view: to_device(collate_train(features, view, self.separator_id), device) for view in self.views}
+        if features and "row" in features[0]:
+            batch["rows"] = torch.tensor([int(f["row"]) for f in features])
+        return batch
 
     @abstractmethod
     def loss(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:

@@ -4,10 +4,9 @@ Loss: sum over layers and dimensions of squared error / 2 (+ mixture cross-entro
 
 from icot.models.coupled import check_compatible
 from icot.models.emulator import Emulator
-from icot.models.io import load_component
-from icot.models.teacher_states import parse_delta, teacher_states
 from icot.stages.base import Stage, unwrap
 from icot.stages.common import fresh_decoder, prepare_decoder
+from icot.stages.teacher_source import TeacherSource
 
 
 class EmulationStage(Stage):
@@ -16,30 +15,28 @@ class EmulationStage(Stage):
 
     def build(self):
         method = self.config.method
-        teacher_export = self.inputs()["teacher"] / "export"
-        self.delta = parse_delta(method.delta)
-        teacher = self.strategy.load_pretrained(lambda: load_component(teacher_export, expect="decoder"),
-                                                self.strategy.frozen_ds_config)
+        self.teacher = TeacherSource(self)
         if method.init_from_teacher:
-            decoder = prepare_decoder(self.strategy.load_pretrained(
-                lambda: load_component(teacher_export, expect="decoder")), self.config, dropout=0.0)
+            decoder = prepare_decoder(self.teacher.load_decoder_copy(), self.config, dropout=0.0)
         else:
             decoder = fresh_decoder(self.config, self.tokenizer, dropout=0.0, strategy=self.strategy)
         # `token`: one component per vocabulary token, supervised by the CoT token at t_l.
         mixture_size = len(self.tokenizer) if method.mixture == "token" else 1
         emulator = Emulator(decoder, mixture_size=mixture_size, temperature=method.mixture_temperature)
-        check_compatible(teacher=teacher, emulator=emulator)
-        self.teacher = self.strategy.prepare_frozen(teacher)
+        check_compatible(teacher=self.teacher.model, emulator=emulator)
+        self.teacher.prepare()
         return emulator
+
+    def prepare_train_set(self, train_set):
+        return self.teacher.attach_cache(train_set)
 
     def loss(self, model, batch):
         cot, prompt = batch["cot"], batch["prompt"]
-        states, positions = teacher_states(unwrap(self.teacher), cot["input_ids"], cot["attention_mask"],
-                                           cot["first_sep"], cot["second_sep"], self.delta, return_positions=True)
+        states, positions = self.teacher.for_batch(cot, batch.get("rows"))
         emulator = unwrap(model)
         targets = cot["input_ids"].gather(1, positions) if emulator.mixture_size > 1 else None
         output = model(prompt["input_ids"], prompt["attention_mask"], prompt["first_sep"], mixture_targets=targets)
         return emulator.loss(output, states, targets, self.config.method.mixture_loss_weight)
 
     def export_extra(self):
-        return {"stage": self.name, "delta": self.delta}
+        return {"stage": self.name, "delta": self.teacher.delta}

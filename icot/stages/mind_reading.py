@@ -4,13 +4,12 @@ Trained: the student (decoder + MLPs), dropout off. Frozen: the teacher. Loss: a
 
 import torch
 
-from icot.models.generation import greedy_decode
 from icot.models.coupled import check_compatible
-from icot.models.io import load_component
+from icot.models.generation import greedy_decode
 from icot.models.student import Student
-from icot.models.teacher_states import parse_delta, teacher_states
 from icot.stages.base import Stage, lm_metrics, unwrap
 from icot.stages.common import fresh_decoder, prepare_decoder
+from icot.stages.teacher_source import TeacherSource
 
 
 class MindReadingStage(Stage):
@@ -19,37 +18,33 @@ class MindReadingStage(Stage):
     generation_target = "nocot"
 
     def build(self):
-        teacher_export = self.inputs()["teacher"] / "export"
-        self.delta = parse_delta(self.config.method.delta)
-        teacher = self.strategy.load_pretrained(lambda: load_component(teacher_export, expect="decoder"),
-                                                self.strategy.frozen_ds_config)
+        self.teacher = TeacherSource(self)
         if self.config.method.init_from_teacher:
-            decoder = prepare_decoder(self.strategy.load_pretrained(
-                lambda: load_component(teacher_export, expect="decoder")), self.config, dropout=0.0)
+            decoder = prepare_decoder(self.teacher.load_decoder_copy(), self.config, dropout=0.0)
         else:
             decoder = fresh_decoder(self.config, self.tokenizer, dropout=0.0, strategy=self.strategy)
         student = Student(decoder)
-        check_compatible(teacher=teacher, student=student)
-        self.teacher = self.strategy.prepare_frozen(teacher)
+        check_compatible(teacher=self.teacher.model, student=student)
+        self.teacher.prepare()
         return student
 
-    def states(self, cot: dict) -> torch.Tensor:
-        return teacher_states(unwrap(self.teacher), cot["input_ids"], cot["attention_mask"],
-                              cot["first_sep"], cot["second_sep"], self.delta)
+    def prepare_train_set(self, train_set):
+        return self.teacher.attach_cache(train_set)
 
     def loss(self, model, batch):
         nocot = batch["nocot"]
-        output = model(nocot["input_ids"], nocot["attention_mask"], nocot["first_sep"],
-                       self.states(batch["cot"]), labels=nocot["labels"])
+        states, _ = self.teacher.for_batch(batch["cot"], batch.get("rows"))
+        output = model(nocot["input_ids"], nocot["attention_mask"], nocot["first_sep"], states,
+                       labels=nocot["labels"])
         return lm_metrics(output, nocot["labels"])
 
     def generate(self, model, features, synced):
         """The student answering with the teacher's true states."""
         batch, cap = self.generation_batch(features)
-        states = self.states(self.collate(features)["cot"])
+        states, _ = self.teacher.compute(self.collate(features)["cot"])
         student = unwrap(model)
         with torch.no_grad(), student.injection(states, batch["first_sep"], prompt_pass_only=True):
             return greedy_decode(student.decoder, batch, self.separator_id, 1, cap, synced)
 
     def export_extra(self):
-        return {"stage": self.name, "delta": self.delta}
+        return {"stage": self.name, "delta": self.teacher.delta}

@@ -1,0 +1,122 @@
+"""The frozen teacher's diagonal states for the mind-reading and emulation stages.
+
+By default they are computed on the fly for every batch, as in the paper. With
+`method.teacher_state_cache: true` they are computed once over the training set and stored beside the
+teacher (`<teacher>/state_cache/<key>.pt`, key = the tokenized data, the delta and the teacher), so the
+two stages that read them share one pass of the teacher and each step runs the trained model only.
+Validation batches are always computed on the fly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from icot.data.collate import collate_train, to_device
+from icot.models.decoder import decoder_shape
+from icot.models.io import load_component
+from icot.models.teacher_states import diagonal_positions, parse_delta, teacher_states
+from icot.stages.base import unwrap
+
+CACHE_FOLDER = "state_cache"
+
+
+class TeacherSource:
+    """Loads the frozen teacher of `stage` and hands out its states per batch."""
+
+    def __init__(self, stage):
+        self.stage = stage
+        self.strategy = stage.strategy
+        self.folder = stage.inputs()["teacher"]
+        self.export = self.folder / "export"
+        self.delta = parse_delta(stage.config.method.delta)
+        teacher = self.strategy.load_pretrained(lambda: load_component(self.export, expect="decoder"),
+                                                self.strategy.frozen_ds_config)
+        self.num_layers, self.hidden_size = decoder_shape(teacher)
+        self.model = teacher      # the plain module until `prepare` wraps it
+        self.cache: torch.Tensor | None = None
+
+    def load_decoder_copy(self):
+        """The teacher's weights as a fresh trainable decoder (`method.init_from_teacher`)."""
+        return self.strategy.load_pretrained(lambda: load_component(self.export, expect="decoder"))
+
+    def prepare(self) -> None:
+        """Wrap the teacher as a frozen engine (after shape checks against the trained model)."""
+        self.model = self.strategy.prepare_frozen(self.model)
+
+    def compute(self, cot: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, L, H] states, [B, L] positions) of a with-CoT batch, from the teacher."""
+        return teacher_states(unwrap(self.model), cot["input_ids"], cot["attention_mask"], cot["first_sep"],
+                              cot["second_sep"], self.delta, return_positions=True)
+
+    def for_batch(self, cot: dict, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """States and positions for a batch; from the cache when `rows` (training-set indices) are given."""
+        if rows is None or self.cache is None:
+            return self.compute(cot)
+        positions = diagonal_positions(cot["first_sep"], cot["second_sep"], self.num_layers, self.delta)
+        return self.cache[rows.cpu()].to(cot["input_ids"].device), positions
+
+    # -- the cache -------------------------------------------------------------------------------
+    def attach_cache(self, train_set):
+        """With `method.teacher_state_cache`, the cache for `train_set` and the set with a `row`
+        column (so batches carry their indices into the cache); else `train_set` unchanged."""
+        if not self.stage.config.method.teacher_state_cache:
+            return train_set
+        self.build_cache(train_set, self.strategy.micro_batch_size)
+        return train_set.add_column("row", list(range(len(train_set))))
+
+    def cache_path(self, train_set) -> Path:
+        manifest = self.folder / "manifest.json"
+        identity = {"data": getattr(train_set, "_fingerprint", None), "examples": len(train_set),
+                    "delta": self.delta, "teacher": str(self.export.resolve()),
+                    "teacher_manifest": manifest.read_text() if manifest.exists() else None}
+        key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+        return self.folder / CACHE_FOLDER / f"{key}.pt"
+
+    @torch.no_grad()
+    def build_cache(self, train_set, batch_size: int) -> None:
+        """Load the cache for `train_set`, computing it first if absent: each rank computes every
+        world-size-th example, rank 0 merges the shards (every rank runs the same number of teacher
+        passes, as ZeRO-3 needs)."""
+        path = self.cache_path(train_set)
+        strategy = self.strategy
+        if not path.exists():
+            started = time.time()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            rank, world, n = strategy.rank, strategy.world_size, len(train_set)
+            mine = list(range(rank, n, world))
+            chunks = []
+            for b in range(math.ceil(math.ceil(n / world) / batch_size)):
+                rows = mine[b * batch_size:(b + 1) * batch_size]
+                features = list(train_set.select(rows or [0]))
+                cot = to_device(collate_train(features, "cot", self.stage.separator_id), strategy.device)
+                states, _ = self.compute(cot)
+                if rows:
+                    chunks.append(states.cpu())
+            shard = path.with_name(f"{path.stem}.rank{rank}-of-{world}.pt")
+            torch.save(torch.cat(chunks) if chunks else torch.empty(0, self.num_layers, self.hidden_size), shard)
+            strategy.barrier()
+            if strategy.is_main:
+                merged = None
+                for r in range(world):
+                    part_path = path.with_name(f"{path.stem}.rank{r}-of-{world}.pt")
+                    part = torch.load(part_path)
+                    if merged is None:
+                        merged = torch.empty((n, *part.shape[1:]), dtype=part.dtype)
+                    merged[r::world] = part
+                    part_path.unlink()
+                partial = path.with_suffix(".partial")
+                torch.save(merged, partial)
+                os.replace(partial, path)   # never a half-written cache under the final name
+                strategy.log(f"teacher-state cache: {n} examples x {self.num_layers} layers in "
+                             f"{time.time() - started:.0f}s -> {path}")
+            strategy.barrier()
+        self.cache = torch.load(path, mmap=True)
+        if self.cache.size(0) != len(train_set):
+            raise RuntimeError(f"{path}: {self.cache.size(0)} cached rows for {len(train_set)} examples")
