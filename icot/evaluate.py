@@ -37,7 +37,6 @@ import contextlib
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -537,12 +536,4 @@ def evaluate_cli(overrides: list[str]) -> None:
             write_tensorboard(args.tb, result, args.step)
     if strategy is not None:
         strategy.shutdown()
-        # Under torchrun the process then ends without interpreter finalization. A gloo worker thread can
-        # still be releasing the last collective's work object, whose tensors hold Python references; if
-        # that happens during finalization it takes the GIL from a dying interpreter and the process aborts
-        # ("terminate called without an active exception", exit -6) after a successful run: seen in about
-        # 1 run in 10 on a 2-core machine (gdb: c10d::ProcessGroupGloo::runLoop -> ~AsyncAllreduceWork ->
-        # decref_pyobject -> take_gil). Everything is written and flushed by now.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        strategy.exit_process()

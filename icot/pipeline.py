@@ -242,9 +242,10 @@ def run_pipeline(recipe: str | None, overrides: list[str], only: str | None = No
 
 @dataclass
 class DemoData:
-    """The demo's generated task: digits x digits multiplication, disjoint splits."""
+    """The demo's generated task: digits_a x digits_b multiplication, disjoint splits."""
 
-    digits: int = 3
+    digits_a: int = 3
+    digits_b: int = 2
     train: int = 100_000
     valid: int = 500
     test: int = 1000
@@ -256,12 +257,12 @@ def demo_cli(overrides: list[str]) -> None:
     parser.add_argument("--out", default="runs/demo", help="folder for data, tokenizer and the run")
     parser.add_argument("--config", default=str(DEMO_RECIPE), help="the recipe (default: the built-in one)")
     defaults = DemoData()
-    for name in ("digits", "train", "valid", "test", "seed"):
+    for name in ("digits_a", "digits_b", "train", "valid", "test", "seed"):
         parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name),
                             help=f"generated data: {name} (default {getattr(defaults, name)})")
     parser.add_argument("--eval_max_examples", type=int, default=None)
     args, rest = parser.parse_known_args(overrides)
-    run_demo(Path(args.out), args.config, DemoData(args.digits, args.train, args.valid, args.test, args.seed),
+    run_demo(Path(args.out), args.config, DemoData(args.digits_a, args.digits_b, args.train, args.valid, args.test, args.seed),
              rest, eval_max_examples=args.eval_max_examples)
 
 
@@ -273,8 +274,8 @@ def run_demo(out: Path, recipe: str, data: DemoData, overrides: list[str],
 
     data_dir, tokenizer_dir = out / "data", out / "tokenizer"
     if not (data_dir / "test.txt").exists():
-        print(f"[icot demo] generating {data.digits}x{data.digits} multiplication into {data_dir}", flush=True)
-        generate_splits(data_dir, data.digits, data.digits,
+        print(f"[icot demo] generating {data.digits_a}x{data.digits_b} multiplication into {data_dir}", flush=True)
+        generate_splits(data_dir, data.digits_a, data.digits_b,
                         {"train": data.train, "valid": data.valid, "test": data.test}, data.seed)
     if not (tokenizer_dir / "tokenizer.json").exists():
         build_tokenizer([data_dir / "train.txt"], kind="word", out=tokenizer_dir)

@@ -48,7 +48,7 @@ def check_results(run_dir: Path):
 
 def test_demo_runs_a_shortened_multiplication_pipeline_and_skips_completed_stages(tmp_path):
     out = tmp_path / "demo"
-    args = ["demo", "--out", str(out), "--digits", "2", "--train", "256", "--valid", "16", "--test", "24", *TINY]
+    args = ["demo", "--out", str(out), "--digits_a", "2", "--digits_b", "2", "--train", "256", "--valid", "16", "--test", "24", *TINY]
     first = icot(*args, cwd=tmp_path)
     assert "estimate" not in first.stderr  # progress goes to stdout
     assert "about" in first.stdout and "left" in first.stdout  # the time-left estimate is shown

@@ -84,6 +84,7 @@ def train_stage(cls, config: StageConfig, paths: Paths, stop) -> str:
         (paths.root / PREEMPTED_MARKER).write_text(f"step {trainer.progress.step}\n")
     trainer.close()
     strategy.shutdown()
+    strategy.exit_process()   # multi-rank runs end here, exit 0 (see Strategy.exit_process)
     return status
 
 
