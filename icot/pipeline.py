@@ -246,7 +246,7 @@ class DemoData:
 
     digits_a: int = 3
     digits_b: int = 2
-    train: int = 100_000
+    train: int = 70_000
     valid: int = 500
     test: int = 1000
     seed: int = 0
@@ -262,8 +262,8 @@ def demo_cli(overrides: list[str]) -> None:
                             help=f"generated data: {name} (default {getattr(defaults, name)})")
     parser.add_argument("--eval_max_examples", type=int, default=None)
     args, rest = parser.parse_known_args(overrides)
-    run_demo(Path(args.out), args.config, DemoData(args.digits_a, args.digits_b, args.train, args.valid, args.test, args.seed),
-             rest, eval_max_examples=args.eval_max_examples)
+    data = DemoData(args.digits_a, args.digits_b, args.train, args.valid, args.test, args.seed)
+    run_demo(Path(args.out), args.config, data, rest, eval_max_examples=args.eval_max_examples)
 
 
 def run_demo(out: Path, recipe: str, data: DemoData, overrides: list[str],
