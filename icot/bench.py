@@ -248,9 +248,9 @@ def timing_basis(requested: str, device: torch.device) -> str:
 
 
 def _batches(task: Task, size: int, device="cpu") -> list[dict[str, torch.Tensor]]:
-    from icot.data.collate import collate_generate
+    from icot.data.collate import collate_generate, to_device
 
-    return [{k: v.to(device) for k, v in collate_generate(task.features[i:i + size], task.separator_id).items()}
+    return [to_device(collate_generate(task.features[i:i + size], task.separator_id), device)
             for i in range(0, len(task.features), size)]
 
 
@@ -432,7 +432,7 @@ def measure_training(shape: Shape, task: Task, batch_size: int, steps: int, warm
     import datasets
 
     from icot.config import ModelConfig, Paths, StageConfig, TrainConfig
-    from icot.data.collate import collate_train
+    from icot.data.collate import collate_train, to_device
     from icot.data.views import tokenized_features
     from icot.engine import Strategy
     from icot.loop import Trainer, batch_order
@@ -459,8 +459,8 @@ def measure_training(shape: Shape, task: Task, batch_size: int, steps: int, warm
         hand_optimizer = torch.optim.AdamW(hand_model.parameters(), lr=train.lr, betas=tuple(train.betas),
                                            eps=train.eps, weight_decay=train.weight_decay)
         order = batch_order(len(train_set), batch_size, seed, 0)
-        batches = [{k: v.to(device) for k, v in collate_train([features[i] for i in rows], "cot",
-                                                              task.separator_id).items()} for rows in order]
+        batches = [to_device(collate_train([features[i] for i in rows], "cot", task.separator_id), device)
+                   for rows in order]
 
         def icot_step(batch):
             metrics = stage.loss(trainer.engine, {"cot": batch})

@@ -59,11 +59,14 @@ class Stage(ABC):
         return train_set
 
     # -- train -----------------------------------------------------------------------------------
+    def collate_view(self, features: Sequence[dict], view: str) -> dict[str, torch.Tensor]:
+        """The right-padded batch of one view, on the strategy's device."""
+        return to_device(collate_train(features, view, self.separator_id), self.strategy.device)
+
     def collate(self, features: Sequence[dict]) -> dict:
-        """One right-padded batch per view, on the strategy's device, plus `rows` (training-set
-        indices) where the examples carry a `row` column."""
-        device = self.strategy.device
-        batch = {view: to_device(collate_train(features, view, self.separator_id), device) for view in self.views}
+        """One batch per view (`collate_view`), plus `rows` (training-set indices) where the examples
+        carry a `row` column."""
+        batch = {view: self.collate_view(features, view) for view in self.views}
         if features and "row" in features[0]:
             batch["rows"] = torch.tensor([int(f["row"]) for f in features])
         return batch

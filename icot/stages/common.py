@@ -87,15 +87,12 @@ def load_split(config: StageConfig, tokenizer, split: str):
     return tokenized
 
 
-def fresh_decoder(config: StageConfig, tokenizer, dropout: float, strategy=None) -> nn.Module:
+def fresh_decoder(config: StageConfig, tokenizer, dropout: float, strategy) -> nn.Module:
     """A decoder from model.name_or_path (pretrained; loaded partitioned under ZeRO-3 through
     `strategy`) or built from scratch from the model section."""
     model = config.model
     if model.name_or_path:
-        if strategy is None:
-            decoder = load_decoder(model.name_or_path)
-        else:
-            decoder = strategy.load_pretrained(lambda: load_decoder(model.name_or_path))
+        decoder = strategy.load_pretrained(lambda: load_decoder(model.name_or_path))
     else:
         from icot.models.decoder import build_decoder
 

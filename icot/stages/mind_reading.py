@@ -41,7 +41,7 @@ class MindReadingStage(Stage):
     def generate(self, model, features, synced):
         """The student answering with the teacher's true states."""
         batch, cap = self.generation_batch(features)
-        states, _ = self.teacher.compute(self.collate(features)["cot"])
+        states, _ = self.teacher.compute(self.collate_view(features, "cot"))
         student = unwrap(model)
         with torch.no_grad(), student.injection(states, batch["first_sep"], prompt_pass_only=True):
             return greedy_decode(student.decoder, batch, self.separator_id, 1, cap, synced)

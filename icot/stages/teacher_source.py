@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-from icot.data.collate import collate_train, to_device
 from icot.models.decoder import decoder_shape
 from icot.models.io import load_component
 from icot.models.teacher_states import diagonal_positions, parse_delta, teacher_states
@@ -60,7 +59,7 @@ class TeacherSource:
         if rows is None or self.cache is None:
             return self.compute(cot)
         positions = diagonal_positions(cot["first_sep"], cot["second_sep"], self.num_layers, self.delta)
-        return self.cache[rows.cpu()].to(cot["input_ids"].device), positions
+        return self.cache[rows].to(cot["input_ids"].device), positions
 
     # -- the cache -------------------------------------------------------------------------------
     def attach_cache(self, train_set):
@@ -79,44 +78,54 @@ class TeacherSource:
         key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
         return self.folder / CACHE_FOLDER / f"{key}.pt"
 
-    @torch.no_grad()
     def build_cache(self, train_set, batch_size: int) -> None:
         """Load the cache for `train_set`, computing it first if absent: each rank computes every
-        world-size-th example, rank 0 merges the shards (every rank runs the same number of teacher
-        passes, as ZeRO-3 needs)."""
+        world-size-th example, rank 0 merges the shards."""
         path = self.cache_path(train_set)
         strategy = self.strategy
         if not path.exists():
             started = time.time()
             path.parent.mkdir(parents=True, exist_ok=True)
-            rank, world, n = strategy.rank, strategy.world_size, len(train_set)
-            mine = list(range(rank, n, world))
-            chunks = []
-            for b in range(math.ceil(math.ceil(n / world) / batch_size)):
-                rows = mine[b * batch_size:(b + 1) * batch_size]
-                features = list(train_set.select(rows or [0]))
-                cot = to_device(collate_train(features, "cot", self.stage.separator_id), strategy.device)
-                states, _ = self.compute(cot)
-                if rows:
-                    chunks.append(states.cpu())
-            shard = path.with_name(f"{path.stem}.rank{rank}-of-{world}.pt")
-            torch.save(torch.cat(chunks) if chunks else torch.empty(0, self.num_layers, self.hidden_size), shard)
+            torch.save(self._compute_shard(train_set, batch_size), self._shard_path(path, strategy.rank))
             strategy.barrier()
             if strategy.is_main:
-                merged = None
-                for r in range(world):
-                    part_path = path.with_name(f"{path.stem}.rank{r}-of-{world}.pt")
-                    part = torch.load(part_path)
-                    if merged is None:
-                        merged = torch.empty((n, *part.shape[1:]), dtype=part.dtype)
-                    merged[r::world] = part
-                    part_path.unlink()
-                partial = path.with_suffix(".partial")
-                torch.save(merged, partial)
-                os.replace(partial, path)   # never a half-written cache under the final name
-                strategy.log(f"teacher-state cache: {n} examples x {self.num_layers} layers in "
+                self._merge_shards(path, len(train_set))
+                strategy.log(f"teacher-state cache: {len(train_set)} examples x {self.num_layers} layers in "
                              f"{time.time() - started:.0f}s -> {path}")
             strategy.barrier()
         self.cache = torch.load(path, mmap=True)
         if self.cache.size(0) != len(train_set):
             raise RuntimeError(f"{path}: {self.cache.size(0)} cached rows for {len(train_set)} examples")
+
+    def _shard_path(self, path: Path, rank: int) -> Path:
+        return path.with_name(f"{path.stem}.rank{rank}-of-{self.strategy.world_size}.pt")
+
+    @torch.no_grad()
+    def _compute_shard(self, train_set, batch_size: int) -> torch.Tensor:
+        """States of this rank's examples (rank, rank + world, ...). Every rank runs the same number of
+        teacher passes, as ZeRO-3 needs: a rank with no rows left runs one that is discarded."""
+        rank, world, n = self.strategy.rank, self.strategy.world_size, len(train_set)
+        mine = list(range(rank, n, world))
+        chunks = []
+        for b in range(math.ceil(math.ceil(n / world) / batch_size)):
+            rows = mine[b * batch_size:(b + 1) * batch_size]
+            states, _ = self.compute(self.stage.collate_view(list(train_set.select(rows or [0])), "cot"))
+            if rows:
+                chunks.append(states.cpu())
+        return torch.cat(chunks) if chunks else torch.empty(0, self.num_layers, self.hidden_size)
+
+    def _merge_shards(self, path: Path, num_examples: int) -> None:
+        """Interleave the ranks' shards into `path`, written under a temporary name and renamed so a
+        half-written cache never carries the final name."""
+        world = self.strategy.world_size
+        merged = None
+        for rank in range(world):
+            shard = torch.load(self._shard_path(path, rank))
+            if merged is None:
+                merged = torch.empty((num_examples, *shard.shape[1:]), dtype=shard.dtype)
+            merged[rank::world] = shard
+        partial = path.with_suffix(".partial")
+        torch.save(merged, partial)
+        os.replace(partial, path)
+        for rank in range(world):
+            self._shard_path(path, rank).unlink()
