@@ -15,7 +15,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from icot.config import STAGES, Paths, load_stage_config
@@ -242,7 +242,11 @@ def run_pipeline(recipe: str | None, overrides: list[str], only: str | None = No
 
 @dataclass
 class DemoData:
-    """The demo's generated task: digits_a x digits_b multiplication, disjoint splits."""
+    """The demo's generated task: digits_a x digits_b multiplication, disjoint splits.
+
+    final_sum writes the answer as the CoT's last running sum (see icot/data/multiply.py), so the
+    teacher's states hold the finished addition; the recipe's notes say why the demo needs it.
+    """
 
     digits_a: int = 3
     digits_b: int = 2
@@ -250,6 +254,7 @@ class DemoData:
     valid: int = 500
     test: int = 1000
     seed: int = 0
+    final_sum: bool = True
 
 
 def demo_cli(overrides: list[str]) -> None:
@@ -260,10 +265,27 @@ def demo_cli(overrides: list[str]) -> None:
     for name in ("digits_a", "digits_b", "train", "valid", "test", "seed"):
         parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name),
                             help=f"generated data: {name} (default {getattr(defaults, name)})")
+    parser.add_argument("--final_sum", action="store_true", default=defaults.final_sum,
+                        help=f"write the answer as the CoT's last running sum (default {defaults.final_sum})")
+    parser.add_argument("--nofinal_sum", dest="final_sum", action="store_false",
+                        help="the papers' layout: the answer is not written in the CoT")
     parser.add_argument("--eval_max_examples", type=int, default=None)
     args, rest = parser.parse_known_args(overrides)
-    data = DemoData(args.digits_a, args.digits_b, args.train, args.valid, args.test, args.seed)
+    data = DemoData(args.digits_a, args.digits_b, args.train, args.valid, args.test, args.seed, args.final_sum)
     run_demo(Path(args.out), args.config, data, rest, eval_max_examples=args.eval_max_examples)
+
+
+def check_same_data(settings_file: Path, data: DemoData) -> None:
+    """A rerun must ask for the data already generated, or its stages would resume on other data."""
+    try:
+        written = json.loads(settings_file.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"{settings_file}: not valid JSON ({error}); remove {settings_file.parent} to regenerate")
+    differing = [f"{key} {written.get(key)!r} (asked: {value!r})" for key, value in asdict(data).items()
+                 if written.get(key) != value]
+    if differing:
+        raise UserError(f"{settings_file.parent} was generated with other settings: {'; '.join(differing)}. "
+                        f"Use another --out, or the same settings to resume")
 
 
 def run_demo(out: Path, recipe: str, data: DemoData, overrides: list[str],
@@ -273,10 +295,18 @@ def run_demo(out: Path, recipe: str, data: DemoData, overrides: list[str],
     from icot.data.tokenizer_build import build_tokenizer
 
     data_dir, tokenizer_dir = out / "data", out / "tokenizer"
-    if not (data_dir / "test.txt").exists():
-        print(f"[icot demo] generating {data.digits_a}x{data.digits_b} multiplication into {data_dir}", flush=True)
+    settings_file = data_dir / "demo_data.json"
+    if settings_file.exists():
+        check_same_data(settings_file, data)
+    else:
+        layout = ", final sum in the CoT" if data.final_sum else ""
+        print(f"[icot demo] generating {data.digits_a}x{data.digits_b} multiplication{layout} into {data_dir}",
+              flush=True)
         generate_splits(data_dir, data.digits_a, data.digits_b,
-                        {"train": data.train, "valid": data.valid, "test": data.test}, data.seed)
+                        {"train": data.train, "valid": data.valid, "test": data.test}, data.seed,
+                        final_sum=data.final_sum)
+        # Written last: its presence means the splits are complete.
+        settings_file.write_text(json.dumps(asdict(data), indent=1) + "\n")
     if not (tokenizer_dir / "tokenizer.json").exists():
         build_tokenizer([data_dir / "train.txt"], kind="word", out=tokenizer_dir)
     paths = [f"--run_dir={out / 'run'}", f"--data.train={data_dir / 'train.txt'}",

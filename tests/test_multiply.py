@@ -16,7 +16,7 @@ README_EXAMPLE = ("1 3 4 5 * 8 1 9 3||8 4 4 3 4 + 0 1 3 4 5 0 ( 8 5 7 7 9 0 ) + 
                   "( 8 5 6 5 8 9 4 ) + 0 0 0 3 9 2 6 1 #### 8 5 6 8 7 2 1 2")
 
 
-def oracle_line(a: int, b: int, digits_a: int, digits_b: int) -> str:
+def oracle_line(a: int, b: int, digits_a: int, digits_b: int, final_sum: bool = False) -> str:
     """The format rules written the plain way, with Python integers, as an independent reference."""
     def written(value: int, width: int) -> str:
         return " ".join(str(value).zfill(width)[::-1])
@@ -26,7 +26,7 @@ def oracle_line(a: int, b: int, digits_a: int, digits_b: int) -> str:
         partial = a * digit * 10**i
         running_sum += partial
         term = written(partial, digits_a + 1 + i)
-        if 0 < i < digits_b - 1:
+        if 0 < i < digits_b - 1 or (i and final_sum):
             term += f" ( {written(running_sum, digits_a + 1 + i)} )"
         terms.append(term)
     return (f"{written(a, digits_a)} * {written(b, digits_b)}||{' + '.join(terms)} "
@@ -72,6 +72,21 @@ def test_rendering_follows_the_rules_for_any_shape(digits_a, digits_b):
         assert line == oracle_line(a, b, digits_a, digits_b)
         assert int(line.split("#### ")[1].replace(" ", "")[::-1]) == a * b
         assert parse_operands(line) == (a, b, digits_a, digits_b)
+
+
+@pytest.mark.parametrize("digits_a, digits_b", [(3, 2), (2, 3), (4, 4), (9, 2)])
+def test_final_sum_layout_writes_the_last_running_sum(digits_a, digits_b):
+    rng = random.Random(7 * digits_a + digits_b)
+    for _ in range(30):
+        a = rng.randrange(10 ** (digits_a - 1), 10**digits_a)
+        b = rng.randrange(10 ** (digits_b - 1), 10**digits_b)
+        line = render_line(a, b, digits_a, digits_b, final_sum=True)
+        assert line == oracle_line(a, b, digits_a, digits_b, final_sum=True)
+        # The papers' line with the answer inserted as the last running sum.
+        cot_end = line.index(" ( " + line.split("#### ")[1] + " ) #### ")
+        assert line[:cot_end] + line[line.index(" #### "):] == render_line(a, b, digits_a, digits_b)
+    assert render_line(865, 91, 3, 2, final_sum=True) == \
+        "5 6 8 * 1 9||5 6 8 0 + 0 5 8 7 7 ( 5 1 7 8 7 ) #### 5 1 7 8 7"
 
 
 def test_zero_digits_and_leading_zeros_render():

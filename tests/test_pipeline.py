@@ -56,6 +56,14 @@ def test_demo_runs_a_shortened_multiplication_pipeline_and_skips_completed_stage
     second = icot(*args, cwd=tmp_path)
     assert second.stdout.count("already complete, skipped") == len(STAGES)
     assert DEMO_RECIPE.exists()
+    # The demo's data writes the answer as the CoT's last running sum; asking for other data in the same
+    # folder is refused before anything runs.
+    line = (out / "data/train.txt").read_text().splitlines()[0]
+    assert line.split(" #### ")[0].endswith(" ( " + line.split(" #### ")[1] + " )")
+    other = subprocess.run([sys.executable, "-m", "icot", *args, "--nofinal_sum"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+    assert other.returncode != 0
+    assert f"{out / 'data'} was generated with other settings: final_sum True (asked: False)" in other.stderr
 
 
 def test_gsm8k_smoke_pipeline_with_sentencepiece_and_token_mixture(tmp_path, reference_data):

@@ -75,26 +75,29 @@ def _record_malformed(stream: ExampleStream, report: FileReport) -> None:
 
 
 def _check_examples(stream: ExampleStream, report: FileReport) -> None:
-    """Count examples and re-derive multiplication lines in batches of one shape, in file order."""
+    """Count examples and re-derive multiplication lines in batches of one layout, in file order."""
     batch: list[tuple[int, Example]] = []
-    batch_shape = None
+    batch_layout = None
     for line_number, example in stream:
         report.examples += 1
         shape = multiplication_shape(example.question)
-        if batch and (shape != batch_shape or len(batch) == CHECK_BATCH_LINES):
-            _check_multiplication_batch(batch, batch_shape, report)
+        # Only the --final_sum layout ends its CoT with a running sum; the papers' ends with a partial product.
+        layout = (shape, example.cot.endswith(")"))
+        if batch and (layout != batch_layout or len(batch) == CHECK_BATCH_LINES):
+            _check_multiplication_batch(batch, batch_layout, report)
             batch = []
         if shape is not None and not report.mismatch_found:
             batch.append((line_number, example))
-            batch_shape = shape
+            batch_layout = layout
     if batch:
-        _check_multiplication_batch(batch, batch_shape, report)
+        _check_multiplication_batch(batch, batch_layout, report)
 
 
-def _check_multiplication_batch(batch: list[tuple[int, Example]], shape: tuple[int, int],
+def _check_multiplication_batch(batch: list[tuple[int, Example]], layout: tuple[tuple[int, int], bool],
                                 report: FileReport) -> None:
+    shape, final_sum = layout
     a_digits, b_digits = digits_from_inputs([example.question for _, example in batch], *shape)
-    expected_lines = render_rows(a_digits, b_digits).tobytes().decode("ascii").splitlines()
+    expected_lines = render_rows(a_digits, b_digits, final_sum).tobytes().decode("ascii").splitlines()
     for matching, ((line_number, found), expected_line) in enumerate(zip(batch, expected_lines)):
         if expected_line != f"{found.question}||{found.cot} #### {found.answer}":
             report.problems.append((line_number, describe_mismatch(parse_line(expected_line), found)))

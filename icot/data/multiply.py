@@ -10,6 +10,9 @@ a * (b mod 10^(i+1)) < 10^(len(a)+1+i)); a running sum follows every partial pro
 and the last. ANSWER is a * b padded to len(a) + len(b) digits. For equal lengths this reproduces the
 reference files byte for byte; for unequal lengths the same rules apply to len(a) and len(b).
 
+With final_sum, the last partial product is followed by its running sum too (`... + Pm ( Sm )`, Sm
+being the answer), so the CoT carries out the final addition instead of leaving it to the answer.
+
 Every line of one operand shape has the same layout, so a batch of lines renders into one uint8
 character matrix with digit arithmetic vectorised over the batch: no per-line Python.
 """
@@ -69,13 +72,13 @@ def digits_from_inputs(questions: list[str], digits_a: int, digits_b: int) -> tu
 
 # --------------------------------------------------------------------------------------- rendering
 
-def render_line(a: int, b: int, digits_a: int, digits_b: int) -> str:
-    """The reference line for a x b, without the trailing newline."""
-    rows = render_rows(_digit_row(a, digits_a, "a"), _digit_row(b, digits_b, "b"))
+def render_line(a: int, b: int, digits_a: int, digits_b: int, final_sum: bool = False) -> str:
+    """The line for a x b, without the trailing newline."""
+    rows = render_rows(_digit_row(a, digits_a, "a"), _digit_row(b, digits_b, "b"), final_sum)
     return rows.tobytes().decode("ascii").rstrip("\n")
 
 
-def render_rows(a_digits: np.ndarray, b_digits: np.ndarray) -> np.ndarray:
+def render_rows(a_digits: np.ndarray, b_digits: np.ndarray, final_sum: bool = False) -> np.ndarray:
     """Lines for operand digit rows (n, digits_a) and (n, digits_b), least-significant digit first.
 
     Returns an (n, width) uint8 array of ASCII codes, each row one line ending in a newline.
@@ -92,7 +95,7 @@ def render_rows(a_digits: np.ndarray, b_digits: np.ndarray) -> np.ndarray:
         if i:
             parts += [" + ", "0 " * i]
         parts.append(partial)
-        if 0 < i < digits_b - 1:
+        if 0 < i < digits_b - 1 or (i and final_sum):
             parts += [" ( ", running_sum[:digits_a + 1 + i].copy(), " )"]
     parts += [" #### ", running_sum]
     return _assemble(parts, rows)
@@ -193,18 +196,18 @@ def _first_occurrences(rows: np.ndarray) -> np.ndarray:
 
 # -------------------------------------------------------------------------------------- generation
 
-def write_lines(path: Path, a_digits: np.ndarray, b_digits: np.ndarray) -> None:
+def write_lines(path: Path, a_digits: np.ndarray, b_digits: np.ndarray, final_sum: bool = False) -> None:
     """Render and write the lines chunk by chunk; the file appears only once complete."""
     partial_path = path.with_name(path.name + ".partial")
     with partial_path.open("wb") as handle:
         for start in range(0, len(a_digits), RENDER_CHUNK_ROWS):
             stop = start + RENDER_CHUNK_ROWS
-            handle.write(render_rows(a_digits[start:stop], b_digits[start:stop]).tobytes())
+            handle.write(render_rows(a_digits[start:stop], b_digits[start:stop], final_sum).tobytes())
     os.replace(partial_path, path)
 
 
 def generate_splits(out: Path, digits_a: int, digits_b: int, sizes: dict[str, int], seed: int,
-                    format: str = "txt") -> dict[str, Path]:
+                    format: str = "txt", final_sum: bool = False) -> dict[str, Path]:
     """Write `<out>/<split>.txt` for each split with a non-zero size; splits never share a pair.
 
     A zero-size split writes no file and removes a stale one, so the folder matches one run. With
@@ -216,7 +219,7 @@ def generate_splits(out: Path, digits_a: int, digits_b: int, sizes: dict[str, in
     for split, size in sizes.items():
         path = out / f"{split}.txt"
         if size:
-            write_lines(path, a_digits[start:start + size], b_digits[start:start + size])
+            write_lines(path, a_digits[start:start + size], b_digits[start:start + size], final_sum)
             written[split] = path
         elif path.exists():
             path.unlink()
@@ -244,7 +247,7 @@ def save_dataset(text_files: dict[str, Path], target: Path) -> None:
 
 
 def generate_splits_cli(digits=None, digits_a=None, digits_b=None, train=808000, valid=1000, test=1000,
-                        seed=0, out="data/mult", format="txt") -> None:
+                        seed=0, out="data/mult", format="txt", final_sum=False) -> None:
     """`icot data multiply`: check the options, generate, print a short summary."""
     digits_a, digits_b = _operand_lengths(digits, digits_a, digits_b)
     sizes = {name: _whole_number(name, value, minimum=0)
@@ -254,13 +257,16 @@ def generate_splits_cli(digits=None, digits_a=None, digits_b=None, train=808000,
     seed = _whole_number("seed", seed, minimum=0)
     if format not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if not isinstance(final_sum, bool):
+        raise UserError(f"--final_sum is a switch (--final_sum or --nofinal_sum), got {final_sum!r}")
     out = Path(str(out))
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
     started = time.perf_counter()
-    written = generate_splits(out, digits_a, digits_b, sizes, seed, format)
+    written = generate_splits(out, digits_a, digits_b, sizes, seed, format, final_sum)
     elapsed = time.perf_counter() - started
-    print(f"{digits_a}x{digits_b}-digit multiplication, seed {seed} -> {out}")
+    layout = ", final sum in the CoT" if final_sum else ""
+    print(f"{digits_a}x{digits_b}-digit multiplication{layout}, seed {seed} -> {out}")
     for split, path in written.items():
         print(f"  {path.name:<10} {sizes[split]:>9} lines")
     if format == "datasets":
