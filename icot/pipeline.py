@@ -30,23 +30,25 @@ DEMO_RECIPE = RECIPES / "demo.yaml"
 class StageRun:
     name: str
     steps: int
+    work: float = 0.0     # relative cost of the whole stage (see work_per_step); 0 where unknown
     seconds: float = 0.0
     skipped: bool = False
 
 
 @dataclass
 class Progress:
-    """Elapsed time and an estimate of what is left, from the seconds per step measured so far."""
+    """Elapsed time and an estimate of what is left: seconds per unit of work measured on the stages
+    run so far, times the work of the stages to come."""
 
     stages: list[StageRun]
     started: float = field(default_factory=time.time)
 
     def estimate_left(self, current: int) -> float | None:
-        done = [s for s in self.stages[:current] if not s.skipped and s.steps]
+        done = [s for s in self.stages[:current] if not s.skipped and s.work]
         if not done:
             return None
-        per_step = sum(s.seconds for s in done) / sum(s.steps for s in done)
-        return per_step * sum(s.steps for s in self.stages[current:])
+        per_unit = sum(s.seconds for s in done) / sum(s.work for s in done)
+        return per_unit * sum(s.work for s in self.stages[current:])
 
     def announce(self, current: int, what: str) -> None:
         elapsed = time.time() - self.started
@@ -60,9 +62,8 @@ def format_seconds(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-def planned_steps(stage: str, recipe: str | None, overrides: list[str]) -> int:
+def planned_steps(config) -> int:
     """Optimizer steps the stage will run (for the time estimate): max_steps or epochs x batches."""
-    config = load_stage_config(stage, recipe, overrides)
     if config.train.max_steps is not None:
         return config.train.max_steps
     lines = count_lines(config.data.train) if config.data.train else 0
@@ -76,11 +77,56 @@ def count_lines(path: str) -> int:
         return sum(1 for line in handle if line.strip())
 
 
+@dataclass
+class ExampleLength:
+    """Mean words per example part, a stand-in for tokens that needs no tokenizer."""
+
+    question: float
+    cot: float
+    answer: float
+
+
+def example_length(path: str | None, sample: int = 1000) -> ExampleLength | None:
+    """From the first lines of a local data file; None for a hub dataset or an unreadable file."""
+    from icot.data.reader import iter_examples
+
+    if not path or not Path(path).is_file():
+        return None
+    totals, count = [0, 0, 0], 0
+    try:
+        for _, example in iter_examples(path, skip_bad=True):
+            for index, part in enumerate((example.question, example.cot, example.answer)):
+                totals[index] += len(part.split())
+            count += 1
+            if count == sample:
+                break
+    except UserError:
+        return None
+    return ExampleLength(*(total / count for total in totals)) if count else None
+
+
+def work_per_step(config, length: ExampleLength) -> float:
+    """Tokens through the decoders per optimizer step, a training pass (forward and backward) counting
+    three forwards. Stages differ a lot here (the teacher reads the CoT, emulation only the input), so
+    one stage's seconds per step says little about another's."""
+    cot_view = length.question + length.cot + length.answer + 2   # with the two separators
+    no_cot_view, prompt = length.question + length.answer + 2, length.question + 1
+    trained = {"teacher": cot_view, "no_cot": no_cot_view, "mind_reading": no_cot_view,
+               "emulation": prompt, "coupling": prompt + no_cot_view}[config.stage]
+    reads_teacher = config.stage in ("mind_reading", "emulation") and not config.method.teacher_state_cache
+    return config.train.batch_size * (3 * trained + (cot_view if reads_teacher else 0))
+
+
 def run_stages(recipe: str | None, overrides: list[str], stages: list[str]) -> list[StageRun]:
-    runs = [StageRun(name, planned_steps(name, recipe, overrides)) for name in stages]
+    configs = [load_stage_config(name, recipe, overrides) for name in stages]
+    length = example_length(configs[0].data.train)
+    runs = []
+    for config in configs:
+        steps = planned_steps(config)
+        # Without example lengths every step counts the same.
+        runs.append(StageRun(config.stage, steps, steps * (work_per_step(config, length) if length else 1.0)))
     progress = Progress(runs)
-    for index, run in enumerate(runs):
-        config = load_stage_config(run.name, recipe, overrides)
+    for index, (run, config) in enumerate(zip(runs, configs)):
         if (Paths.of(config).root / "DONE").exists():
             run.skipped, run.seconds = True, completed_stage(Paths.of(config).root).seconds
             progress.announce(index + 1, f"stage {index + 1}/{len(runs)} {run.name}: already complete, skipped")

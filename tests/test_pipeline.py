@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from icot.config import STAGES, load_stage_config
-from icot.pipeline import DEMO_RECIPE, RECIPES
+from icot.pipeline import (DEMO_RECIPE, RECIPES, Progress, StageRun, example_length, format_seconds,
+                           work_per_step)
 
 TINY = ["--model.layers=2", "--model.hidden=32", "--model.heads=2", "--model.max_positions=256",
         "--train.batch_size=16", "--train.max_steps=4", "--train.log_every=2", "--train.eval_examples=4",
@@ -29,6 +30,30 @@ def test_every_recipe_resolves_for_every_stage(recipe):
     for stage in STAGES:
         config = load_stage_config(stage, str(recipe), [])
         assert config.stage == stage
+
+
+def test_time_left_weighs_each_stage_by_its_work(tmp_path):
+    data = tmp_path / "train.txt"
+    data.write_text("1 2 * 3 4||5 6 + 7 8 ( 9 ) #### 1 2 3\n" * 5 + "not a data line\n")
+    length = example_length(str(data))
+    assert (length.question, length.cot, length.answer) == (5, 8, 3)
+    assert example_length(str(tmp_path / "absent.txt")) is None
+    config = {stage: load_stage_config(stage, str(DEMO_RECIPE), [f"--data.train={data}"]) for stage in STAGES}
+    work = {stage: work_per_step(config[stage], length) for stage in STAGES}
+    cot_view, no_cot_view, prompt = 5 + 8 + 3 + 2, 5 + 3 + 2, 5 + 1
+    assert work["teacher"] == 64 * 3 * cot_view
+    assert work["no_cot"] == work["mind_reading"] == 64 * 3 * no_cot_view   # the demo caches teacher states
+    assert work["emulation"] == 128 * 3 * prompt
+    assert work["coupling"] == 64 * 3 * (prompt + no_cot_view)
+    uncached = load_stage_config("emulation", str(DEMO_RECIPE), ["--method.teacher_state_cache=false"])
+    assert work_per_step(uncached, length) == 128 * (3 * prompt + cot_view)
+    # 100 teacher steps took 60 s: 300 no-CoT steps are estimated from their own work, not the teacher's
+    # seconds per step.
+    runs = [StageRun("teacher", 100, 100 * work["teacher"], seconds=60.0),
+            StageRun("no_cot", 300, 300 * work["no_cot"])]
+    assert Progress(runs).estimate_left(0) is None
+    assert Progress(runs).estimate_left(1) == pytest.approx(60.0 * 3 * no_cot_view / cot_view)
+    assert format_seconds(Progress(runs).estimate_left(1)) == "1m40s"
 
 
 def check_results(run_dir: Path):
