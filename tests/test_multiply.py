@@ -232,6 +232,7 @@ def test_fire_style_numbers_are_accepted(tmp_path):
     (dict(seed="x"), "--seed must be a whole number"),
     (dict(train=0, valid=0, test=0), "nothing to generate"),
     (dict(format="csv"), "--format must be one of txt, datasets, got 'csv'"),
+    (dict(final_sum="yes"), "--final_sum is a switch (--final_sum or --nofinal_sum), got 'yes'"),
     (dict(digits=2, train=8000, valid=100, test=1), "asked for 8101 pairs, but only 8100"),
 ])
 def test_bad_options_are_user_errors(tmp_path, options, message):
