@@ -119,7 +119,7 @@ def work_per_step(config, length: ExampleLength) -> float:
 
 def run_stages(recipe: str | None, overrides: list[str], stages: list[str]) -> list[StageRun]:
     configs = [load_stage_config(name, recipe, overrides) for name in stages]
-    length = example_length(configs[0].data.train)
+    length = example_length(configs[0].data.train) if configs else None   # none for --only=eval
     runs = []
     for config in configs:
         steps = planned_steps(config)

@@ -10,7 +10,7 @@ import pytest
 
 from icot.config import STAGES, load_stage_config
 from icot.pipeline import (DEMO_RECIPE, RECIPES, Progress, StageRun, example_length, format_seconds,
-                           work_per_step)
+                           run_stages, work_per_step)
 
 TINY = ["--model.layers=2", "--model.hidden=32", "--model.heads=2", "--model.max_positions=256",
         "--train.batch_size=16", "--train.max_steps=4", "--train.log_every=2", "--train.eval_examples=4",
@@ -54,6 +54,8 @@ def test_time_left_weighs_each_stage_by_its_work(tmp_path):
     assert Progress(runs).estimate_left(0) is None
     assert Progress(runs).estimate_left(1) == pytest.approx(60.0 * 3 * no_cot_view / cot_view)
     assert format_seconds(Progress(runs).estimate_left(1)) == "1m40s"
+    # `--only=eval` runs no stage at all.
+    assert run_stages(str(DEMO_RECIPE), [], []) == []
 
 
 def check_results(run_dir: Path):
