@@ -337,7 +337,7 @@ def check_same_data(settings_file: Path, data: DemoData) -> None:
 def run_demo(out: Path, recipe: str, data: DemoData, overrides: list[str],
              eval_max_examples: int | None = None) -> dict:
     """Generate the data and the tokenizer (once), then run the pipeline into `out`."""
-    from icot.data.multiply import generate_splits
+    from icot.data.multiply import generate_splits, layout_label
     from icot.data.tokenizer_build import build_tokenizer
 
     data_dir, tokenizer_dir = out / "data", out / "tokenizer"
@@ -345,9 +345,8 @@ def run_demo(out: Path, recipe: str, data: DemoData, overrides: list[str],
     if settings_file.exists():
         check_same_data(settings_file, data)
     else:
-        layout = ", final sum in the CoT" if data.final_sum else ""
-        print(f"[icot demo] generating {data.digits_a}x{data.digits_b} multiplication{layout} into {data_dir}",
-              flush=True)
+        print(f"[icot demo] generating {data.digits_a}x{data.digits_b} multiplication"
+              f"{layout_label(data.final_sum)} into {data_dir}", flush=True)
         generate_splits(data_dir, data.digits_a, data.digits_b,
                         {"train": data.train, "valid": data.valid, "test": data.test}, data.seed,
                         final_sum=data.final_sum)

@@ -246,6 +246,11 @@ def save_dataset(text_files: dict[str, Path], target: Path) -> None:
         del splits  # release the memory-mapped cache files before the folder goes
 
 
+def layout_label(final_sum: bool) -> str:
+    """The words the generators print after the task name for the final-sum layout."""
+    return ", final sum in the CoT" if final_sum else ""
+
+
 def generate_splits_cli(digits=None, digits_a=None, digits_b=None, train=808000, valid=1000, test=1000,
                         seed=0, out="data/mult", format="txt", final_sum=False) -> None:
     """`icot data multiply`: check the options, generate, print a short summary."""
@@ -265,8 +270,7 @@ def generate_splits_cli(digits=None, digits_a=None, digits_b=None, train=808000,
     started = time.perf_counter()
     written = generate_splits(out, digits_a, digits_b, sizes, seed, format, final_sum)
     elapsed = time.perf_counter() - started
-    layout = ", final sum in the CoT" if final_sum else ""
-    print(f"{digits_a}x{digits_b}-digit multiplication{layout}, seed {seed} -> {out}")
+    print(f"{digits_a}x{digits_b}-digit multiplication{layout_label(final_sum)}, seed {seed} -> {out}")
     for split, path in written.items():
         print(f"  {path.name:<10} {sizes[split]:>9} lines")
     if format == "datasets":
