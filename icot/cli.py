@@ -24,16 +24,16 @@ class DataCommands:
     """Generate and validate task data."""
 
     def multiply(self, digits=None, digits_a=None, digits_b=None, train=808000, valid=1000, test=1000,
-                 seed=0, out="data/mult", format="txt", final_sum=False):
+                 seed=0, out="data/mult", format="txt", layout="paper"):
         """Generate N x M digit multiplication in the paper's format (train/valid/test, disjoint).
 
-        --final_sum also writes the last running sum (the answer) in the CoT: `... + Pm ( Sm )`.
+        --layout final_sum also writes the last running sum (the answer) in the CoT: `... + Pm ( Sm )`;
+        --layout columns writes the column sums as the CoT (icot/data/multiply.py).
         """
         from icot.data.multiply import generate_splits_cli
 
         generate_splits_cli(digits=digits, digits_a=digits_a, digits_b=digits_b, train=train,
-                                   valid=valid, test=test, seed=seed, out=out, format=format,
-                                   final_sum=final_sum)
+                            valid=valid, test=test, seed=seed, out=out, format=format, layout=layout)
 
     def check(self, *files, skip_bad=False):
         """Validate data files: format for all, and re-derive multiplication lines from operands."""

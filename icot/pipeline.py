@@ -117,7 +117,14 @@ def work_per_step(config, length: ExampleLength) -> float:
     return config.train.batch_size * (3 * trained + (cot_view if reads_teacher else 0))
 
 
-def run_stages(recipe: str | None, overrides: list[str], stages: list[str]) -> list[StageRun]:
+def run_stages(recipe: str | None, overrides: list[str], stages: list[str],
+               parallel_baseline: bool = False) -> list[StageRun]:
+    """Run the stages in order, each as its own `icot train` process.
+
+    With parallel_baseline the no-CoT baseline, which needs nothing from the other stages, runs beside
+    them and each process gets half the CPU threads: small models use a second thread poorly, so on a
+    small CPU machine two single-thread processes train about twice as much in the same wall time.
+    """
     configs = [load_stage_config(name, recipe, overrides) for name in stages]
     length = example_length(configs[0].data.train) if configs else None   # none for --only=eval
     runs = []
@@ -125,25 +132,60 @@ def run_stages(recipe: str | None, overrides: list[str], stages: list[str]) -> l
         steps = planned_steps(config)
         # Without example lengths every step counts the same.
         runs.append(StageRun(config.stage, steps, steps * (work_per_step(config, length) if length else 1.0)))
-    progress = Progress(runs)
-    for index, (run, config) in enumerate(zip(runs, configs)):
+    beside = {"no_cot"} if parallel_baseline else set()
+    # The estimate covers the stages in sequence; one running beside them is announced on its own.
+    progress = Progress([run for run in runs if run.name not in beside])
+    environment = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // 2))) if beside else None
+    background: list[tuple[StageRun, subprocess.Popen, float]] = []
+    done_in_sequence = 0
+    # Stages beside the sequence start first, so they overlap all of it, the teacher included.
+    order = sorted(range(len(runs)), key=lambda i: runs[i].name not in beside)
+    for index in order:
+        run, config = runs[index], configs[index]
+        label = f"stage {index + 1}/{len(runs)} {run.name}"
         if (Paths.of(config).root / "DONE").exists():
             run.skipped, run.seconds = True, completed_stage(Paths.of(config).root).seconds
-            progress.announce(index + 1, f"stage {index + 1}/{len(runs)} {run.name}: already complete, skipped")
+            done_in_sequence += run.name not in beside
+            progress.announce(done_in_sequence, f"{label}: already complete, skipped")
             continue
-        progress.announce(index, f"stage {index + 1}/{len(runs)} {run.name}: {run.steps} steps")
         command = [sys.executable, "-m", "icot", "train", run.name, *(["--config", recipe] if recipe else []),
                    *overrides]
+        if run.name in beside:
+            progress.announce(done_in_sequence, f"{label}: {run.steps} steps, beside the other stages")
+            background.append((run, subprocess.Popen(command, env=environment), time.time()))
+            continue
+        progress.announce(done_in_sequence, f"{label}: {run.steps} steps")
         started = time.time()
-        result = subprocess.run(command)
+        try:
+            returncode = subprocess.run(command, env=environment).returncode
+            run.seconds = time.time() - started
+            _check_stage_ended(run, config, returncode)
+        except BaseException:   # a failed stage or Ctrl-C: the stages beside it stop too
+            _stop(background)
+            raise
+        done_in_sequence += 1
+    for run, process, started in background:
+        progress.announce(done_in_sequence, f"waiting for {run.name}, which runs beside the others")
+        returncode = process.wait()
         run.seconds = time.time() - started
-        if result.returncode != 0:
-            raise UserError(f"stage {run.name} failed (exit code {result.returncode}); rerun the same command "
-                            f"to resume it")
-        if not (Paths.of(config).root / "DONE").exists():
-            raise UserError(f"stage {run.name} stopped before the end (preempted?); rerun to resume")
-    progress.announce(len(runs), "all stages complete")
+        _check_stage_ended(run, configs[runs.index(run)], returncode)
+    progress.announce(done_in_sequence, "all stages complete")
     return runs
+
+
+def _stop(background: list[tuple[StageRun, subprocess.Popen, float]]) -> None:
+    """End the stages running beside a failed one; they saved checkpoints and resume on the next run."""
+    for _, process, _ in background:
+        if process.poll() is None:
+            process.terminate()
+            process.wait()
+
+
+def _check_stage_ended(run: StageRun, config, returncode: int) -> None:
+    if returncode != 0:
+        raise UserError(f"stage {run.name} failed (exit code {returncode}); rerun the same command to resume it")
+    if not (Paths.of(config).root / "DONE").exists():
+        raise UserError(f"stage {run.name} stopped before the end (preempted?); rerun to resume")
 
 
 def completed_stage(folder: Path) -> StageRun:
@@ -253,6 +295,8 @@ def parse_pipeline_args(overrides: list[str]) -> tuple[argparse.Namespace, list[
     parser.add_argument("--only", help="comma-separated subset of: " + ", ".join((*STAGES, "eval")))
     parser.add_argument("--eval_batch_size", type=int, default=32)
     parser.add_argument("--eval_max_examples", type=int, default=None)
+    parser.add_argument("--parallel_baseline", action="store_true",
+                        help="train the no-CoT baseline beside the other stages, half the CPU threads each")
     args, rest = parser.parse_known_args(overrides)
     if args.config is not None and not Path(args.config).is_file():
         raise UserError(f"--config: no such recipe file {args.config}")
@@ -262,11 +306,11 @@ def parse_pipeline_args(overrides: list[str]) -> tuple[argparse.Namespace, list[
 def pipeline_cli(overrides: list[str]) -> None:
     args, rest = parse_pipeline_args(overrides)
     run_pipeline(args.config, rest, only=args.only, eval_batch_size=args.eval_batch_size,
-                 eval_max_examples=args.eval_max_examples)
+                 eval_max_examples=args.eval_max_examples, parallel_baseline=args.parallel_baseline)
 
 
 def run_pipeline(recipe: str | None, overrides: list[str], only: str | None = None, eval_batch_size: int = 32,
-                 eval_max_examples: int | None = None) -> dict:
+                 eval_max_examples: int | None = None, parallel_baseline: bool = False) -> dict:
     started = time.time()
     wanted = [s.strip() for s in only.split(",")] if only else [*STAGES, "eval"]
     unknown = [s for s in wanted if s not in (*STAGES, "eval")]
@@ -274,7 +318,7 @@ def run_pipeline(recipe: str | None, overrides: list[str], only: str | None = No
         raise UserError(f"--only: unknown step(s) {', '.join(unknown)}; choose from {', '.join((*STAGES, 'eval'))}")
     config = load_stage_config("teacher", recipe, overrides)   # validates the recipe before anything runs
     run_dir = Path(config.run_dir)
-    stages = run_stages(recipe, overrides, [s for s in STAGES if s in wanted])
+    stages = run_stages(recipe, overrides, [s for s in STAGES if s in wanted], parallel_baseline)
     if "eval" not in wanted:
         return {}
     if config.data.test is None:
@@ -290,8 +334,8 @@ def run_pipeline(recipe: str | None, overrides: list[str], only: str | None = No
 class DemoData:
     """The demo's generated task: digits_a x digits_b multiplication, disjoint splits.
 
-    final_sum writes the answer as the CoT's last running sum (see icot/data/multiply.py), so the
-    teacher's states hold the finished addition; the recipe's notes say why the demo needs it.
+    layout "columns" writes the schoolbook column sums as the CoT (see icot/data/multiply.py): the
+    teacher's states then hold every answer digit; the recipe's notes say why the demo needs it.
     """
 
     digits_a: int = 3
@@ -300,10 +344,12 @@ class DemoData:
     valid: int = 500
     test: int = 1000
     seed: int = 0
-    final_sum: bool = True
+    layout: str = "columns"
 
 
 def demo_cli(overrides: list[str]) -> None:
+    from icot.data.multiply import LAYOUTS
+
     parser = argparse.ArgumentParser(prog="icot demo", description="the built-in CPU pipeline")
     parser.add_argument("--out", default="runs/demo", help="folder for data, tokenizer and the run")
     parser.add_argument("--config", default=str(DEMO_RECIPE), help="the recipe (default: the built-in one)")
@@ -311,14 +357,15 @@ def demo_cli(overrides: list[str]) -> None:
     for name in ("digits_a", "digits_b", "train", "valid", "test", "seed"):
         parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name),
                             help=f"generated data: {name} (default {getattr(defaults, name)})")
-    parser.add_argument("--final_sum", action="store_true", default=defaults.final_sum,
-                        help=f"write the answer as the CoT's last running sum (default {defaults.final_sum})")
-    parser.add_argument("--nofinal_sum", dest="final_sum", action="store_false",
-                        help="the papers' layout: the answer is not written in the CoT")
+    parser.add_argument("--layout", choices=LAYOUTS, default=defaults.layout,
+                        help=f"the CoT's layout (default {defaults.layout}; see icot data multiply)")
     parser.add_argument("--eval_max_examples", type=int, default=None)
+    parser.add_argument("--noparallel_baseline", dest="parallel_baseline", action="store_false",
+                        help="train the no-CoT baseline after the other stages instead of beside them")
     args, rest = parser.parse_known_args(overrides)
-    data = DemoData(args.digits_a, args.digits_b, args.train, args.valid, args.test, args.seed, args.final_sum)
-    run_demo(Path(args.out), args.config, data, rest, eval_max_examples=args.eval_max_examples)
+    data = DemoData(args.digits_a, args.digits_b, args.train, args.valid, args.test, args.seed, args.layout)
+    run_demo(Path(args.out), args.config, data, rest, eval_max_examples=args.eval_max_examples,
+             parallel_baseline=args.parallel_baseline)
 
 
 def check_same_data(settings_file: Path, data: DemoData) -> None:
@@ -335,7 +382,7 @@ def check_same_data(settings_file: Path, data: DemoData) -> None:
 
 
 def run_demo(out: Path, recipe: str, data: DemoData, overrides: list[str],
-             eval_max_examples: int | None = None) -> dict:
+             eval_max_examples: int | None = None, parallel_baseline: bool = True) -> dict:
     """Generate the data and the tokenizer (once), then run the pipeline into `out`."""
     from icot.data.multiply import generate_splits, layout_label
     from icot.data.tokenizer_build import build_tokenizer
@@ -346,10 +393,10 @@ def run_demo(out: Path, recipe: str, data: DemoData, overrides: list[str],
         check_same_data(settings_file, data)
     else:
         print(f"[icot demo] generating {data.digits_a}x{data.digits_b} multiplication"
-              f"{layout_label(data.final_sum)} into {data_dir}", flush=True)
+              f"{layout_label(data.layout)} into {data_dir}", flush=True)
         generate_splits(data_dir, data.digits_a, data.digits_b,
                         {"train": data.train, "valid": data.valid, "test": data.test}, data.seed,
-                        final_sum=data.final_sum)
+                        layout=data.layout)
         # Written last: its presence means the splits are complete.
         settings_file.write_text(json.dumps(asdict(data), indent=1) + "\n")
     if not (tokenizer_dir / "tokenizer.json").exists():
@@ -357,4 +404,5 @@ def run_demo(out: Path, recipe: str, data: DemoData, overrides: list[str],
     paths = [f"--run_dir={out / 'run'}", f"--data.train={data_dir / 'train.txt'}",
              f"--data.valid={data_dir / 'valid.txt'}", f"--data.test={data_dir / 'test.txt'}",
              f"--model.tokenizer={tokenizer_dir}"]
-    return run_pipeline(recipe, paths + list(overrides), eval_max_examples=eval_max_examples)
+    return run_pipeline(recipe, paths + list(overrides), eval_max_examples=eval_max_examples,
+                        parallel_baseline=parallel_baseline)

@@ -58,7 +58,7 @@ def test_generation_then_check_on_the_command_line(tmp_path):
 
 def test_final_sum_files_are_re_derived_in_their_own_layout(tmp_path):
     made = icot("data", "multiply", "--digits_a", "3", "--digits_b", "2", "--train", "300", "--valid", "0",
-                "--test", "0", "--final_sum", "--out", str(tmp_path))
+                "--test", "0", "--layout", "final_sum", "--out", str(tmp_path))
     assert made.returncode == 0, made.stderr
     assert "final sum in the CoT" in made.stdout
     path = tmp_path / "train.txt"
@@ -72,6 +72,21 @@ def test_final_sum_files_are_re_derived_in_their_own_layout(tmp_path):
     assert [number for number, _ in report.problems] == [42]
     assert "CoT does not match the operands at term 2 of 2" in report.problems[0][1]
     assert line != bad.read_text().splitlines()[41]
+
+
+def test_columns_files_are_re_derived_in_their_own_layout(tmp_path):
+    made = icot("data", "multiply", "--digits_a", "3", "--digits_b", "2", "--train", "300", "--valid", "0",
+                "--test", "0", "--layout", "columns", "--out", str(tmp_path))
+    assert made.returncode == 0, made.stderr
+    assert "column sums as the CoT" in made.stdout
+    path = tmp_path / "train.txt"
+    assert check_file(path).summary() == f"ok: {path}: 300 examples, 300 multiplication lines re-derived"
+    # A wrong digit in the third column sum is named as that term.
+    bad = copy_with_line_changed(path, tmp_path / "bad.txt", 7,
+                                 lambda text: change_digit(text, text.index("||") + 2 + 3 + 4))
+    report = check_file(bad)
+    assert [number for number, _ in report.problems] == [7]
+    assert "CoT does not match the operands at term 3 of 4" in report.problems[0][1]
 
 
 def test_multiply_command_reports_too_many_pairs_as_one_line(tmp_path):

@@ -16,7 +16,7 @@ README_EXAMPLE = ("1 3 4 5 * 8 1 9 3||8 4 4 3 4 + 0 1 3 4 5 0 ( 8 5 7 7 9 0 ) + 
                   "( 8 5 6 5 8 9 4 ) + 0 0 0 3 9 2 6 1 #### 8 5 6 8 7 2 1 2")
 
 
-def oracle_line(a: int, b: int, digits_a: int, digits_b: int, final_sum: bool = False) -> str:
+def oracle_line(a: int, b: int, digits_a: int, digits_b: int, layout: str = "paper") -> str:
     """The format rules written the plain way, with Python integers, as an independent reference."""
     def written(value: int, width: int) -> str:
         return " ".join(str(value).zfill(width)[::-1])
@@ -26,11 +26,26 @@ def oracle_line(a: int, b: int, digits_a: int, digits_b: int, final_sum: bool = 
         partial = a * digit * 10**i
         running_sum += partial
         term = written(partial, digits_a + 1 + i)
-        if 0 < i < digits_b - 1 or (i and final_sum):
+        if 0 < i < digits_b - 1 or (i and layout == "final_sum"):
             term += f" ( {written(running_sum, digits_a + 1 + i)} )"
         terms.append(term)
-    return (f"{written(a, digits_a)} * {written(b, digits_b)}||{' + '.join(terms)} "
-            f"#### {written(a * b, digits_a + digits_b)}")
+    cot = " + ".join(terms)
+    if layout == "columns":
+        # Each column sum padded to the width of the same column for the largest operands (all nines).
+        widths = [len(str(c)) for c in oracle_column_sums(10**digits_a - 1, 10**digits_b - 1, digits_a, digits_b)]
+        cot = " ".join(str(c).zfill(w) for c, w in zip(oracle_column_sums(a, b, digits_a, digits_b), widths))
+    return f"{written(a, digits_a)} * {written(b, digits_b)}||{cot} #### {written(a * b, digits_a + digits_b)}"
+
+
+def oracle_column_sums(a: int, b: int, digits_a: int, digits_b: int) -> list[int]:
+    a_digits = [int(c) for c in str(a).zfill(digits_a)[::-1]]
+    b_digits = [int(c) for c in str(b).zfill(digits_b)[::-1]]
+    sums, carry = [], 0
+    for k in range(digits_a + digits_b - 1):
+        column = sum(a_digits[i] * b_digits[k - i] for i in range(digits_a) if 0 <= k - i < digits_b) + carry
+        sums.append(column)
+        carry = column // 10
+    return sums
 
 
 def read_operands(path):
@@ -80,13 +95,34 @@ def test_final_sum_layout_writes_the_last_running_sum(digits_a, digits_b):
     for _ in range(30):
         a = rng.randrange(10 ** (digits_a - 1), 10**digits_a)
         b = rng.randrange(10 ** (digits_b - 1), 10**digits_b)
-        line = render_line(a, b, digits_a, digits_b, final_sum=True)
-        assert line == oracle_line(a, b, digits_a, digits_b, final_sum=True)
+        line = render_line(a, b, digits_a, digits_b, layout="final_sum")
+        assert line == oracle_line(a, b, digits_a, digits_b, layout="final_sum")
         # The papers' line with the answer inserted as the last running sum.
         cot_end = line.index(" ( " + line.split("#### ")[1] + " ) #### ")
         assert line[:cot_end] + line[line.index(" #### "):] == render_line(a, b, digits_a, digits_b)
-    assert render_line(865, 91, 3, 2, final_sum=True) == \
+    assert render_line(865, 91, 3, 2, layout="final_sum") == \
         "5 6 8 * 1 9||5 6 8 0 + 0 5 8 7 7 ( 5 1 7 8 7 ) #### 5 1 7 8 7"
+
+
+@pytest.mark.parametrize("digits_a, digits_b", [(3, 2), (2, 3), (4, 4), (9, 2), (20, 20)])
+def test_columns_layout_writes_the_column_sums(digits_a, digits_b):
+    rng = random.Random(11 * digits_a + digits_b)
+    for _ in range(30):
+        a = rng.randrange(10 ** (digits_a - 1), 10**digits_a)
+        b = rng.randrange(10 ** (digits_b - 1), 10**digits_b)
+        line = render_line(a, b, digits_a, digits_b, layout="columns")
+        assert line == oracle_line(a, b, digits_a, digits_b, layout="columns")
+        # Digit k of the answer is column sum k mod 10; the answer is the papers'.
+        columns, answer = line.split("||")[1].split(" #### ")
+        assert [int(c) % 10 for c in columns.split()] == [int(d) for d in answer.split()][:-1]
+        assert answer == render_line(a, b, digits_a, digits_b).split(" #### ")[1]
+    assert render_line(865, 91, 3, 2, layout="columns") == "5 6 8 * 1 9||05 051 067 78 #### 5 1 7 8 7"
+    assert render_line(99, 99, 2, 2, layout="columns") == "9 9 * 9 9||81 170 98 #### 1 0 8 9"
+
+
+def test_unknown_layout_is_refused():
+    with pytest.raises(ValueError, match="layout must be one of paper, final_sum, columns, got 'diagonal'"):
+        render_line(865, 91, 3, 2, layout="diagonal")
 
 
 def test_zero_digits_and_leading_zeros_render():
@@ -232,7 +268,7 @@ def test_fire_style_numbers_are_accepted(tmp_path):
     (dict(seed="x"), "--seed must be a whole number"),
     (dict(train=0, valid=0, test=0), "nothing to generate"),
     (dict(format="csv"), "--format must be one of txt, datasets, got 'csv'"),
-    (dict(final_sum="yes"), "--final_sum is a switch (--final_sum or --nofinal_sum), got 'yes'"),
+    (dict(layout="yes"), "--layout must be one of paper, final_sum, columns, got 'yes'"),
     (dict(digits=2, train=8000, valid=100, test=1), "asked for 8101 pairs, but only 8100"),
 ])
 def test_bad_options_are_user_errors(tmp_path, options, message):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from icot.config import STAGES, load_stage_config
+from icot.data.multiply import parse_operands, render_line
 from icot.pipeline import (DEMO_RECIPE, RECIPES, Progress, StageRun, example_length, format_seconds,
                            run_stages, work_per_step)
 
@@ -80,17 +81,24 @@ def test_demo_runs_a_shortened_multiplication_pipeline_and_skips_completed_stage
     assert "estimate" not in first.stderr  # progress goes to stdout
     assert "about" in first.stdout and "left" in first.stdout  # the time-left estimate is shown
     check_results(out / "run")
+    # The demo trains the no-CoT baseline beside the other stages, from the start: it overlaps the teacher.
+    assert "steps, beside the other stages" in first.stdout
+    spans = {}
+    for stage in ("teacher", "no_cot"):
+        manifest = json.loads((out / "run" / stage / "manifest.json").read_text())
+        spans[stage] = (manifest["started_at"], manifest["finished_at"])
+    assert spans["no_cot"][0] < spans["teacher"][1] and spans["teacher"][0] < spans["no_cot"][1]
     second = icot(*args, cwd=tmp_path)
     assert second.stdout.count("already complete, skipped") == len(STAGES)
     assert DEMO_RECIPE.exists()
-    # The demo's data writes the answer as the CoT's last running sum; asking for other data in the same
-    # folder is refused before anything runs.
+    # The demo's data writes the column sums as the CoT; asking for other data in the same folder is
+    # refused before anything runs.
     line = (out / "data/train.txt").read_text().splitlines()[0]
-    assert line.split(" #### ")[0].endswith(" ( " + line.split(" #### ")[1] + " )")
-    other = subprocess.run([sys.executable, "-m", "icot", *args, "--nofinal_sum"], cwd=tmp_path,
+    assert " + " not in line and line == render_line(*parse_operands(line), layout="columns")
+    other = subprocess.run([sys.executable, "-m", "icot", *args, "--layout", "paper"], cwd=tmp_path,
                            capture_output=True, text=True, timeout=300)
     assert other.returncode != 0
-    assert f"{out / 'data'} was generated with other settings: final_sum True (asked: False)" in other.stderr
+    assert f"{out / 'data'} was generated with other settings: layout 'columns' (asked: 'paper')" in other.stderr
 
 
 def test_gsm8k_smoke_pipeline_with_sentencepiece_and_token_mixture(tmp_path, reference_data):

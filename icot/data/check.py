@@ -81,8 +81,7 @@ def _check_examples(stream: ExampleStream, report: FileReport) -> None:
     for line_number, example in stream:
         report.examples += 1
         shape = multiplication_shape(example.question)
-        # Only the --final_sum layout ends its CoT with a running sum; the papers' ends with a partial product.
-        layout = (shape, example.cot.endswith(")"))
+        layout = (shape, cot_layout(example.cot))
         if batch and (layout != batch_layout or len(batch) == CHECK_BATCH_LINES):
             _check_multiplication_batch(batch, batch_layout, report)
             batch = []
@@ -93,11 +92,19 @@ def _check_examples(stream: ExampleStream, report: FileReport) -> None:
         _check_multiplication_batch(batch, batch_layout, report)
 
 
-def _check_multiplication_batch(batch: list[tuple[int, Example]], layout: tuple[tuple[int, int], bool],
+def cot_layout(cot: str) -> str:
+    """The multiplication layout a CoT is written in (see icot/data/multiply.py)."""
+    if " + " not in cot:
+        return "columns"
+    # Only the final-sum layout ends its CoT with a running sum; the papers' ends with a partial product.
+    return "final_sum" if cot.endswith(")") else "paper"
+
+
+def _check_multiplication_batch(batch: list[tuple[int, Example]], layout: tuple[tuple[int, int], str],
                                 report: FileReport) -> None:
-    shape, final_sum = layout
+    shape, layout_name = layout
     a_digits, b_digits = digits_from_inputs([example.question for _, example in batch], *shape)
-    expected_lines = render_rows(a_digits, b_digits, final_sum).tobytes().decode("ascii").splitlines()
+    expected_lines = render_rows(a_digits, b_digits, layout_name).tobytes().decode("ascii").splitlines()
     for matching, ((line_number, found), expected_line) in enumerate(zip(batch, expected_lines)):
         if expected_line != f"{found.question}||{found.cot} #### {found.answer}":
             report.problems.append((line_number, describe_mismatch(parse_line(expected_line), found)))
@@ -110,7 +117,8 @@ def _check_multiplication_batch(batch: list[tuple[int, Example]], layout: tuple[
 def describe_mismatch(expected: Example, found: Example) -> str:
     """Which part of a multiplication line differs from its re-derivation, showing the first bad term."""
     if expected.cot != found.cot:
-        expected_terms, found_terms = expected.cot.split(" + "), found.cot.split(" + ")
+        separator = " " if cot_layout(expected.cot) == "columns" else " + "
+        expected_terms, found_terms = expected.cot.split(separator), found.cot.split(separator)
         for number, (want, have) in enumerate(zip_longest(expected_terms, found_terms, fillvalue=""), 1):
             if want != have:
                 return (f"CoT does not match the operands at term {number} of {len(expected_terms)} "

@@ -10,8 +10,14 @@ a * (b mod 10^(i+1)) < 10^(len(a)+1+i)); a running sum follows every partial pro
 and the last. ANSWER is a * b padded to len(a) + len(b) digits. For equal lengths this reproduces the
 reference files byte for byte; for unequal lengths the same rules apply to len(a) and len(b).
 
-With final_sum, the last partial product is followed by its running sum too (`... + Pm ( Sm )`, Sm
-being the answer), so the CoT carries out the final addition instead of leaving it to the answer.
+That is the "paper" layout. Two more layouts write the same inputs and answers with another CoT:
+- "final_sum": the last partial product is followed by its running sum too (`... + Pm ( Sm )`, Sm
+  being the answer), so the CoT carries out the final addition instead of leaving it to the answer.
+- "columns": the CoT is the schoolbook column sums, least-significant column first, one number (one
+  word) each: C_k = sum of a_i * b_j over i + j = k, plus C_(k-1) // 10. The answer's digit k is
+  C_k mod 10 and its top digit the last carry. Each C_k is zero-padded to the width of its largest
+  possible value, so every line of one shape has the same layout. 865 x 91 reads
+  `5 6 8 * 1 9||05 051 067 78 #### 5 1 7 8 7`.
 
 Every line of one operand shape has the same layout, so a batch of lines renders into one uint8
 character matrix with digit arithmetic vectorised over the batch: no per-line Python.
@@ -25,6 +31,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -34,6 +41,7 @@ MIN_DIGITS = 2
 MAX_DIGITS = 20
 SPLITS = ("train", "valid", "test")
 FORMATS = ("txt", "datasets")
+LAYOUTS = ("paper", "final_sum", "columns")
 # Lines are rendered and written this many at a time, which bounds memory (about 8 MB for 4x4).
 RENDER_CHUNK_ROWS = 1 << 16
 # Pair indices must fit in int64; larger spaces sample digits directly and drop the (rare) repeats.
@@ -72,33 +80,60 @@ def digits_from_inputs(questions: list[str], digits_a: int, digits_b: int) -> tu
 
 # --------------------------------------------------------------------------------------- rendering
 
-def render_line(a: int, b: int, digits_a: int, digits_b: int, final_sum: bool = False) -> str:
+def render_line(a: int, b: int, digits_a: int, digits_b: int, layout: str = "paper") -> str:
     """The line for a x b, without the trailing newline."""
-    rows = render_rows(_digit_row(a, digits_a, "a"), _digit_row(b, digits_b, "b"), final_sum)
+    rows = render_rows(_digit_row(a, digits_a, "a"), _digit_row(b, digits_b, "b"), layout)
     return rows.tobytes().decode("ascii").rstrip("\n")
 
 
-def render_rows(a_digits: np.ndarray, b_digits: np.ndarray, final_sum: bool = False) -> np.ndarray:
+def render_rows(a_digits: np.ndarray, b_digits: np.ndarray, layout: str = "paper") -> np.ndarray:
     """Lines for operand digit rows (n, digits_a) and (n, digits_b), least-significant digit first.
 
     Returns an (n, width) uint8 array of ASCII codes, each row one line ending in a newline.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     # One contiguous row per digit position keeps the per-position arithmetic on contiguous memory.
     a = np.ascontiguousarray(np.asarray(a_digits, np.uint8).T)
     b = np.ascontiguousarray(np.asarray(b_digits, np.uint8).T)
     digits_a, digits_b, rows = len(a), len(b), a.shape[1]
     running_sum = np.zeros((digits_a + digits_b, rows), np.uint8)
-    parts: list[str | np.ndarray] = [a, " * ", b, "||"]
+    parts: list[str | np.ndarray | _Number] = [a, " * ", b, "||"]
     for i in range(digits_b):
         partial = _times_digit(a, b[i])
         _add_shifted(running_sum, partial, shift=i)
+        if layout == "columns":
+            continue
         if i:
             parts += [" + ", "0 " * i]
         parts.append(partial)
-        if 0 < i < digits_b - 1 or (i and final_sum):
+        if 0 < i < digits_b - 1 or (i and layout == "final_sum"):
             parts += [" ( ", running_sum[:digits_a + 1 + i].copy(), " )"]
+    if layout == "columns":
+        for k, column_sum in enumerate(_column_sums(a, b)):
+            parts += [" "] * (k > 0) + [column_sum]
     parts += [" #### ", running_sum]
     return _assemble(parts, rows)
+
+
+class _Number(NamedTuple):
+    """Digits (width, n), most-significant first, written without spaces: one word per row."""
+    digits: np.ndarray
+
+
+def _column_sums(a: np.ndarray, b: np.ndarray) -> list[_Number]:
+    """The column sums C_k (with the carry of C_(k-1)) of a (digits_a, n) times b (digits_b, n)."""
+    sums, carry, largest_carry = [], np.zeros(a.shape[1], np.uint16), 0
+    for k in range(len(a) + len(b) - 1):
+        terms = [(i, k - i) for i in range(len(a)) if 0 <= k - i < len(b)]
+        total = carry.copy()
+        for i, j in terms:
+            total += a[i].astype(np.uint16) * b[j]   # at most 20 * 81 plus a carry: uint16 is safe
+        largest = 81 * len(terms) + largest_carry
+        width = len(str(largest))
+        sums.append(_Number(np.stack([total // 10**(width - 1 - d) % 10 for d in range(width)]).astype(np.uint8)))
+        carry, largest_carry = total // 10, largest // 10
+    return sums
 
 
 def _digit_row(value: int, digits: int, name: str) -> np.ndarray:
@@ -124,19 +159,24 @@ def _add_shifted(total: np.ndarray, partial: np.ndarray, shift: int) -> None:
         carry, total[position] = np.divmod(total[position] + digit + carry, 10)
 
 
-def _assemble(parts: list[str | np.ndarray], rows: int) -> np.ndarray:
-    """Lay literal text and digit groups (digits, n) side by side; digits of a group are space separated."""
-    width = sum(len(part) if isinstance(part, str) else 2 * len(part) - 1 for part in parts) + 1
-    chars = np.full((rows, width), _SPACE, np.uint8)
+def _assemble(parts: list[str | np.ndarray | _Number], rows: int) -> np.ndarray:
+    """Lay literal text, digit groups (digits, n) and numbers side by side; the digits of a group are
+    space separated, those of a number are not."""
+    def span(part) -> int:
+        if isinstance(part, str):
+            return len(part)
+        return len(part.digits) if isinstance(part, _Number) else 2 * len(part) - 1
+
+    chars = np.full((rows, sum(map(span, parts)) + 1), _SPACE, np.uint8)
     column = 0
     for part in parts:
         if isinstance(part, str):
             chars[:, column:column + len(part)] = np.frombuffer(part.encode("ascii"), np.uint8)
-            column += len(part)
+        elif isinstance(part, _Number):
+            chars[:, column:column + span(part)] = part.digits.T + _ZERO
         else:
-            span = 2 * len(part) - 1
-            chars[:, column:column + span:2] = part.T + _ZERO
-            column += span
+            chars[:, column:column + span(part):2] = part.T + _ZERO
+        column += span(part)
     chars[:, column] = _NEWLINE
     return chars
 
@@ -196,18 +236,18 @@ def _first_occurrences(rows: np.ndarray) -> np.ndarray:
 
 # -------------------------------------------------------------------------------------- generation
 
-def write_lines(path: Path, a_digits: np.ndarray, b_digits: np.ndarray, final_sum: bool = False) -> None:
+def write_lines(path: Path, a_digits: np.ndarray, b_digits: np.ndarray, layout: str = "paper") -> None:
     """Render and write the lines chunk by chunk; the file appears only once complete."""
     partial_path = path.with_name(path.name + ".partial")
     with partial_path.open("wb") as handle:
         for start in range(0, len(a_digits), RENDER_CHUNK_ROWS):
             stop = start + RENDER_CHUNK_ROWS
-            handle.write(render_rows(a_digits[start:stop], b_digits[start:stop], final_sum).tobytes())
+            handle.write(render_rows(a_digits[start:stop], b_digits[start:stop], layout).tobytes())
     os.replace(partial_path, path)
 
 
 def generate_splits(out: Path, digits_a: int, digits_b: int, sizes: dict[str, int], seed: int,
-                    format: str = "txt", final_sum: bool = False) -> dict[str, Path]:
+                    format: str = "txt", layout: str = "paper") -> dict[str, Path]:
     """Write `<out>/<split>.txt` for each split with a non-zero size; splits never share a pair.
 
     A zero-size split writes no file and removes a stale one, so the folder matches one run. With
@@ -219,7 +259,7 @@ def generate_splits(out: Path, digits_a: int, digits_b: int, sizes: dict[str, in
     for split, size in sizes.items():
         path = out / f"{split}.txt"
         if size:
-            write_lines(path, a_digits[start:start + size], b_digits[start:start + size], final_sum)
+            write_lines(path, a_digits[start:start + size], b_digits[start:start + size], layout)
             written[split] = path
         elif path.exists():
             path.unlink()
@@ -246,13 +286,13 @@ def save_dataset(text_files: dict[str, Path], target: Path) -> None:
         del splits  # release the memory-mapped cache files before the folder goes
 
 
-def layout_label(final_sum: bool) -> str:
-    """The words the generators print after the task name for the final-sum layout."""
-    return ", final sum in the CoT" if final_sum else ""
+def layout_label(layout: str) -> str:
+    """The words the generators print after the task name for a layout other than the papers'."""
+    return {"paper": "", "final_sum": ", final sum in the CoT", "columns": ", column sums as the CoT"}[layout]
 
 
 def generate_splits_cli(digits=None, digits_a=None, digits_b=None, train=808000, valid=1000, test=1000,
-                        seed=0, out="data/mult", format="txt", final_sum=False) -> None:
+                        seed=0, out="data/mult", format="txt", layout="paper") -> None:
     """`icot data multiply`: check the options, generate, print a short summary."""
     digits_a, digits_b = _operand_lengths(digits, digits_a, digits_b)
     sizes = {name: _whole_number(name, value, minimum=0)
@@ -262,15 +302,15 @@ def generate_splits_cli(digits=None, digits_a=None, digits_b=None, train=808000,
     seed = _whole_number("seed", seed, minimum=0)
     if format not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
-    if not isinstance(final_sum, bool):
-        raise UserError(f"--final_sum is a switch (--final_sum or --nofinal_sum), got {final_sum!r}")
+    if layout not in LAYOUTS:
+        raise UserError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     out = Path(str(out))
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
     started = time.perf_counter()
-    written = generate_splits(out, digits_a, digits_b, sizes, seed, format, final_sum)
+    written = generate_splits(out, digits_a, digits_b, sizes, seed, format, layout)
     elapsed = time.perf_counter() - started
-    print(f"{digits_a}x{digits_b}-digit multiplication{layout_label(final_sum)}, seed {seed} -> {out}")
+    print(f"{digits_a}x{digits_b}-digit multiplication{layout_label(layout)}, seed {seed} -> {out}")
     for split, path in written.items():
         print(f"  {path.name:<10} {sizes[split]:>9} lines")
     if format == "datasets":

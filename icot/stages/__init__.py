@@ -50,6 +50,7 @@ def train_stage(cls, config: StageConfig, paths: Paths, stop) -> str:
     from icot.stages.common import DONE_MARKER, PREEMPTED_MARKER, input_folders, load_split, load_tokenizer
 
     name = config.stage
+    process_started = time.time()
     strategy = Strategy(config.train).init_distributed()
     inputs = input_folders(config)
     fallback = next((folder / "export" for folder in inputs.values()), None)
@@ -77,7 +78,7 @@ def train_stage(cls, config: StageConfig, paths: Paths, stop) -> str:
             tokenizer.save_pretrained(paths.export if name != "coupling" else paths.export / "student")
             if name == "coupling":
                 tokenizer.save_pretrained(paths.export / "emulator")
-            write_manifest(paths, config, inputs, trainer, time.time() - started)
+            write_manifest(paths, config, inputs, trainer, time.time() - started, process_started)
             (paths.root / PREEMPTED_MARKER).unlink(missing_ok=True)
             (paths.root / DONE_MARKER).write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
     elif strategy.is_main:
@@ -118,7 +119,8 @@ def write_stage_files(config: StageConfig, strategy, paths: Paths) -> None:
     paths.ds_config.write_text(json.dumps(strategy.ds_config, indent=2) + "\n")
 
 
-def write_manifest(paths: Paths, config: StageConfig, inputs: dict[str, Path], trainer, seconds: float) -> None:
+def write_manifest(paths: Paths, config: StageConfig, inputs: dict[str, Path], trainer, seconds: float,
+                   started_at: float) -> None:
     manifest = {
         "stage": config.stage,
         "inputs": {name: str(folder.resolve()) for name, folder in inputs.items()},
@@ -128,6 +130,8 @@ def write_manifest(paths: Paths, config: StageConfig, inputs: dict[str, Path], t
         "examples": trainer.progress.examples,
         "tokens": trainer.progress.tokens,
         "wall_seconds": round(seconds, 1),
+        "started_at": round(started_at, 1),    # this run's process, set-up included (epoch seconds)
+        "finished_at": round(time.time(), 1),
         "world_size": trainer.strategy.world_size,
         "validation": getattr(trainer, "last_validation", None),
         "export": str(paths.export.resolve()),
