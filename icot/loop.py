@@ -8,6 +8,7 @@ Every collective (metrics, checkpoints, validation) runs on all ranks at the sam
 from __future__ import annotations
 
 import math
+import os
 import random
 import shutil
 import signal
@@ -145,8 +146,9 @@ class Trainer:
         """Run to the end or to a stop request; returns 'done' or 'preempted'."""
         from tqdm import tqdm
 
-        bar = tqdm(total=self.steps, initial=self.progress.step, disable=not self.strategy.is_main,
-                   desc=self.stage.name, dynamic_ncols=True)
+        # ICOT_PROGRESS_BAR=0: a stage run beside another (icot pipeline) leaves the terminal to its bar.
+        bar = tqdm(total=self.steps, initial=self.progress.step, desc=self.stage.name, dynamic_ncols=True,
+                   disable=not self.strategy.is_main or os.environ.get("ICOT_PROGRESS_BAR") == "0")
         window_start, window_tokens = time.perf_counter(), 0
         # The bar is closed on every way out, so that an error message starts on a line of its own.
         with bar:

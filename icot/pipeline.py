@@ -152,7 +152,8 @@ def run_stages(recipe: str | None, overrides: list[str], stages: list[str],
                    *overrides]
         if run.name in beside:
             progress.announce(done_in_sequence, f"{label}: {run.steps} steps, beside the other stages")
-            background.append((run, subprocess.Popen(command, env=environment), time.time()))
+            quiet = dict(environment, ICOT_PROGRESS_BAR="0")   # its validation lines still show
+            background.append((run, subprocess.Popen(command, env=quiet), time.time()))
             continue
         progress.announce(done_in_sequence, f"{label}: {run.steps} steps")
         started = time.time()

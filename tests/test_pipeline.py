@@ -88,6 +88,8 @@ def test_demo_runs_a_shortened_multiplication_pipeline_and_skips_completed_stage
         manifest = json.loads((out / "run" / stage / "manifest.json").read_text())
         spans[stage] = (manifest["started_at"], manifest["finished_at"])
     assert spans["no_cot"][0] < spans["teacher"][1] and spans["teacher"][0] < spans["no_cot"][1]
+    # Only the stages in sequence draw a progress bar: two bars on one terminal garble each other.
+    assert "teacher: " in first.stderr and "no_cot: " not in first.stderr
     second = icot(*args, cwd=tmp_path)
     assert second.stdout.count("already complete, skipped") == len(STAGES)
     assert DEMO_RECIPE.exists()
