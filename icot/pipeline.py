@@ -50,9 +50,9 @@ class Progress:
         per_unit = sum(s.seconds for s in done) / sum(s.work for s in done)
         return per_unit * sum(s.work for s in self.stages[current:])
 
-    def announce(self, current: int, what: str) -> None:
+    def announce(self, current: int, what: str, estimate: bool = True) -> None:
         elapsed = time.time() - self.started
-        left = self.estimate_left(current)
+        left = self.estimate_left(current) if estimate else None
         eta = f", about {format_seconds(left)} of training left" if left is not None else ""
         print(f"[icot pipeline] {what} (elapsed {format_seconds(elapsed)}{eta})", flush=True)
 
@@ -166,7 +166,8 @@ def run_stages(recipe: str | None, overrides: list[str], stages: list[str],
             raise
         done_in_sequence += 1
     for run, process, started in background:
-        progress.announce(done_in_sequence, f"waiting for {run.name}, which runs beside the others")
+        # No estimate: its own validation lines show how far it is.
+        progress.announce(done_in_sequence, f"waiting for {run.name}, which runs beside the others", estimate=False)
         returncode = process.wait()
         run.seconds = time.time() - started
         _check_stage_ended(run, configs[runs.index(run)], returncode)
