@@ -56,14 +56,20 @@ def test_generation_then_check_on_the_command_line(tmp_path):
     assert summary in checked.stdout
 
 
-def test_final_sum_files_are_re_derived_in_their_own_layout(tmp_path):
+def generate_checked_3x2(tmp_path, layout: str, label: str):
+    """300 3x2 lines in `layout` through the CLI; every line re-derives in that layout."""
     made = icot("data", "multiply", "--digits_a", "3", "--digits_b", "2", "--train", "300", "--valid", "0",
-                "--test", "0", "--layout", "final_sum", "--out", str(tmp_path))
+                "--test", "0", "--layout", layout, "--out", str(tmp_path))
     assert made.returncode == 0, made.stderr
-    assert "final sum in the CoT" in made.stdout
+    assert label in made.stdout
     path = tmp_path / "train.txt"
-    assert all(line.split(" #### ")[0].endswith(" )") for line in path.read_text().splitlines())
     assert check_file(path).summary() == f"ok: {path}: 300 examples, 300 multiplication lines re-derived"
+    return path
+
+
+def test_final_sum_files_are_re_derived_in_their_own_layout(tmp_path):
+    path = generate_checked_3x2(tmp_path, "final_sum", "final sum in the CoT")
+    assert all(line.split(" #### ")[0].endswith(" )") for line in path.read_text().splitlines())
     # A wrong digit inside the final sum is caught like any other CoT digit.
     line = path.read_text().splitlines()[41]
     bad = copy_with_line_changed(path, tmp_path / "bad.txt", 42,
@@ -75,12 +81,7 @@ def test_final_sum_files_are_re_derived_in_their_own_layout(tmp_path):
 
 
 def test_columns_files_are_re_derived_in_their_own_layout(tmp_path):
-    made = icot("data", "multiply", "--digits_a", "3", "--digits_b", "2", "--train", "300", "--valid", "0",
-                "--test", "0", "--layout", "columns", "--out", str(tmp_path))
-    assert made.returncode == 0, made.stderr
-    assert "column sums as the CoT" in made.stdout
-    path = tmp_path / "train.txt"
-    assert check_file(path).summary() == f"ok: {path}: 300 examples, 300 multiplication lines re-derived"
+    path = generate_checked_3x2(tmp_path, "columns", "column sums as the CoT")
     # A wrong digit in the third column sum is named as that term.
     bad = copy_with_line_changed(path, tmp_path / "bad.txt", 7,
                                  lambda text: change_digit(text, text.index("||") + 2 + 3 + 4))

@@ -48,6 +48,13 @@ def oracle_column_sums(a: int, b: int, digits_a: int, digits_b: int) -> list[int
     return sums
 
 
+def random_operands(digits_a: int, digits_b: int, count: int, seed: int) -> list[tuple[int, int]]:
+    """`count` (a, b) pairs with exactly digits_a and digits_b digits."""
+    rng = random.Random(seed)
+    return [(rng.randrange(10 ** (digits_a - 1), 10**digits_a), rng.randrange(10 ** (digits_b - 1), 10**digits_b))
+            for _ in range(count)]
+
+
 def read_operands(path):
     """[(a, b)] of a generated file."""
     return [parse_operands(line)[:2] for line in path.read_text().splitlines()]
@@ -79,10 +86,7 @@ def test_readme_example():
 @pytest.mark.parametrize("digits_a, digits_b",
                          [(2, 2), (3, 5), (5, 3), (2, 9), (9, 2), (4, 4), (20, 20), (20, 2)])
 def test_rendering_follows_the_rules_for_any_shape(digits_a, digits_b):
-    rng = random.Random(digits_a * 100 + digits_b)
-    for _ in range(50):
-        a = rng.randrange(10 ** (digits_a - 1), 10**digits_a)
-        b = rng.randrange(10 ** (digits_b - 1), 10**digits_b)
+    for a, b in random_operands(digits_a, digits_b, 50, seed=digits_a * 100 + digits_b):
         line = render_line(a, b, digits_a, digits_b)
         assert line == oracle_line(a, b, digits_a, digits_b)
         assert int(line.split("#### ")[1].replace(" ", "")[::-1]) == a * b
@@ -91,10 +95,7 @@ def test_rendering_follows_the_rules_for_any_shape(digits_a, digits_b):
 
 @pytest.mark.parametrize("digits_a, digits_b", [(3, 2), (2, 3), (4, 4), (9, 2)])
 def test_final_sum_layout_writes_the_last_running_sum(digits_a, digits_b):
-    rng = random.Random(7 * digits_a + digits_b)
-    for _ in range(30):
-        a = rng.randrange(10 ** (digits_a - 1), 10**digits_a)
-        b = rng.randrange(10 ** (digits_b - 1), 10**digits_b)
+    for a, b in random_operands(digits_a, digits_b, 30, seed=7 * digits_a + digits_b):
         line = render_line(a, b, digits_a, digits_b, layout="final_sum")
         assert line == oracle_line(a, b, digits_a, digits_b, layout="final_sum")
         # The papers' line with the answer inserted as the last running sum.
@@ -106,10 +107,7 @@ def test_final_sum_layout_writes_the_last_running_sum(digits_a, digits_b):
 
 @pytest.mark.parametrize("digits_a, digits_b", [(3, 2), (2, 3), (4, 4), (9, 2), (20, 20)])
 def test_columns_layout_writes_the_column_sums(digits_a, digits_b):
-    rng = random.Random(11 * digits_a + digits_b)
-    for _ in range(30):
-        a = rng.randrange(10 ** (digits_a - 1), 10**digits_a)
-        b = rng.randrange(10 ** (digits_b - 1), 10**digits_b)
+    for a, b in random_operands(digits_a, digits_b, 30, seed=11 * digits_a + digits_b):
         line = render_line(a, b, digits_a, digits_b, layout="columns")
         assert line == oracle_line(a, b, digits_a, digits_b, layout="columns")
         # Digit k of the answer is column sum k mod 10; the answer is the papers'.
