@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 
 from icot.errors import UserError
-from icot.evaluate import MODES, ModeModel, _Parser, native_cpu_lstm
+from icot.evaluate import MODES, ModeModel, _Parser
 
 GOALS = {
     "implicit_over_no_cot_batch1": (">=", 0.95),
@@ -186,7 +186,7 @@ def build_mode_models(shape: Shape, task: Task, seed: int, device: torch.device 
     for d in (decoder, emulator_decoder):
         forced_length(d, task.separator_id)
     torch.manual_seed(seed + 2)
-    coupled = CoupledModel(Emulator(emulator_decoder), Student(decoder)).to(device).eval()
+    coupled = CoupledModel(Emulator(emulator_decoder).for_inference(), Student(decoder)).to(device).eval()   # as icot eval
     models = {"no_cot": ModeModel("no_cot", decoder, task.tokenizer, task.separator_id),
               "explicit": ModeModel("explicit", decoder, task.tokenizer, task.separator_id),
               "implicit": ModeModel("implicit", coupled, task.tokenizer, task.separator_id)}
@@ -318,9 +318,14 @@ def lean_greedy(decoder, batch: dict[str, torch.Tensor], new_tokens: int, separa
     return torch.cat(tokens, dim=1)
 
 
+class _StopForward(Exception):
+    pass
+
+
 def profile_implicit(task: Task, mm: ModeModels, batch_sizes: list[int], repeats: int, basis: str, log,
                      device="cpu") -> dict:
     """Where the implicit mode's time goes, in ms per example, per batch size."""
+    from icot.models.decoder import edit_block_inputs
     from icot.models.generation import greedy_decode
 
     coupled, decoder, sep = mm.coupled, mm.decoder, task.separator_id
@@ -331,7 +336,7 @@ def profile_implicit(task: Task, mm: ModeModels, batch_sizes: list[int], repeats
     result = {}
     for size in batch_sizes:
         batches = _batches(task, size, device)
-        with torch.no_grad(), native_cpu_lstm():
+        with torch.no_grad():
             states = {id(b): emulator(b["input_ids"], b["attention_mask"], b["first_sep"],
                                       position_ids=b["position_ids"]).states for b in batches}
 
@@ -345,27 +350,22 @@ def profile_implicit(task: Task, mm: ModeModels, batch_sizes: list[int], repeats
 
         @torch.no_grad()
         def emulator_pass(b):
-            with native_cpu_lstm():
-                emulator(b["input_ids"], b["attention_mask"], b["first_sep"], position_ids=b["position_ids"])
-
-        @torch.no_grad()
-        def emulator_pass_onednn_lstm(b):
             emulator(b["input_ids"], b["attention_mask"], b["first_sep"], position_ids=b["position_ids"])
-
-        hidden = emulator.hidden_size
-
-        @torch.no_grad()
-        def mixture_half_of_first_mlp_layers(b):
-            # What folding the constant mixture half of each first MLP layer into its bias would save
-            # (M = 1): the products with the H mixture columns of every layer's first weight.
-            x = torch.zeros(b["input_ids"].size(0), hidden, device=b["input_ids"].device)
-            for mlp in emulator.state_mlps:
-                torch.nn.functional.linear(x, mlp[0].weight[:, hidden:])
 
         @torch.no_grad()
         def emulator_decoder_only(b):
-            emulator.decoder.base_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                                        position_ids=b["position_ids"], use_cache=False)
+            # The blocks the emulator runs (all but the last, see Emulator.for_inference), nothing else.
+            def stop_at_last_block(layer, hidden):
+                if layer == layers - 1:
+                    raise _StopForward
+                return hidden
+
+            try:
+                with edit_block_inputs(emulator.decoder, stop_at_last_block):
+                    emulator.decoder.base_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                                position_ids=b["position_ids"], use_cache=False)
+            except _StopForward:
+                pass
 
         @torch.no_grad()
         def student_with_injection(b):
@@ -384,14 +384,11 @@ def profile_implicit(task: Task, mm: ModeModels, batch_sizes: list[int], repeats
 
         @torch.no_grad()
         def implicit_lean(b):
-            with native_cpu_lstm():
-                st = emulator(b["input_ids"], b["attention_mask"], b["first_sep"],
-                              position_ids=b["position_ids"]).states
+            st = emulator(b["input_ids"], b["attention_mask"], b["first_sep"], position_ids=b["position_ids"]).states
             lean_greedy(decoder, b, answer_tokens, sep, student.injection(st, b["first_sep"]))
 
-        parts = {"emulator_pass": emulator_pass, "emulator_pass_onednn_lstm": emulator_pass_onednn_lstm,
+        parts = {"emulator_pass": emulator_pass,
                  "emulator_decoder_without_recurrence": emulator_decoder_only,
-                 "mixture_half_of_first_mlp_layers": mixture_half_of_first_mlp_layers,
                  "student_decode_with_injection": student_with_injection, "no_cot_decode": no_cot_generate,
                  "implicit_total": implicit_generate, "no_cot_lean_loop": no_cot_lean,
                  "implicit_lean_loop": implicit_lean}
@@ -399,19 +396,10 @@ def profile_implicit(task: Task, mm: ModeModels, batch_sizes: list[int], repeats
         ms = {name: 1000 * timing.seconds(basis) / n for name, timing in timings.items()}
         ms["student_injection"] = ms["student_decode_with_injection"] - ms["no_cot_decode"]
         ms["emulator_heads"] = ms["emulator_pass"] - ms["emulator_decoder_without_recurrence"]
-        ms["onednn_lstm_penalty"] = ms["emulator_pass_onednn_lstm"] - ms["emulator_pass"]
         ms["hf_generate_overhead_no_cot"] = ms["no_cot_decode"] - ms["no_cot_lean_loop"]
-        # The emulator's last block computes nothing that is used (only block inputs are read): an estimate
-        # of what skipping it saves is one block's share of the emulator's decoder.
-        ms["emulator_last_block_estimate"] = ms["emulator_decoder_without_recurrence"] / layers
-        savings = ms["emulator_last_block_estimate"] + ms["mixture_half_of_first_mlp_layers"]
         ratios = {
             "implicit_over_no_cot": ms["no_cot_decode"] / ms["implicit_total"],
-            "implicit_with_onednn_lstm_over_no_cot":
-                ms["no_cot_decode"] / (ms["implicit_total"] + ms["onednn_lstm_penalty"]),
             "implicit_over_no_cot_lean_loops": ms["no_cot_lean_loop"] / ms["implicit_lean_loop"],
-            "implicit_without_last_emulator_block_and_mixture_half_over_no_cot":
-                ms["no_cot_decode"] / (ms["implicit_total"] - savings),
             "implicit_without_emulator_heads_over_no_cot":   # what the heads' bytes cost, at most
                 ms["no_cot_decode"] / (ms["implicit_total"] - ms["emulator_heads"] - ms["student_injection"]),
         }

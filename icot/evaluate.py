@@ -15,8 +15,7 @@ Measured on a data file (`INPUT||COT #### ANSWER` lines, through `load_examples`
   and batched. Only decoding is timed (the generate calls, which for implicit include the emulator pass),
   after one untimed warm-up batch; batches are collated before the clock starts. The CPU time of the
   same span is reported too (`decode_cpu_seconds_by_batch_size`): with one thread per process it is
-  what the decoding costs, whatever else runs on a shared machine. For implicit on a CPU the emulator's
-  one-step LSTM runs on PyTorch's native kernel rather than oneDNN's (see `native_cpu_lstm`).
+  what the decoding costs, whatever else runs on a shared machine.
 
 `max_new_tokens` defaults to the longest reference continuation of the mode's view over the evaluated
 set (CoT + separator + `#### answer` + separator for explicit, `#### answer` + separator otherwise) plus
@@ -33,7 +32,6 @@ their length is the wall time of the whole set across ranks.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -96,37 +94,14 @@ class ModeModel:
         from icot.models.generation import generate_explicit, generate_implicit, generate_no_cot
 
         decode = {"no_cot": generate_no_cot, "explicit": generate_explicit, "implicit": generate_implicit}[self.mode]
-        with self.kernels():
-            return decode(self.model, batch, self.separator_id, max_new_tokens, synced)
+        return decode(self.model, batch, self.separator_id, max_new_tokens, synced)
 
     @torch.no_grad()
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Teacher-forced logits on a right-padded training batch of the mode's view (`collate_train`)."""
-        with self.kernels():
-            if self.mode == "implicit":
-                return self.model(batch["input_ids"], batch["attention_mask"], batch["first_sep"]).logits
-            return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-
-    def kernels(self):
-        """For implicit in fp32 on a CPU, PyTorch's native LSTM kernel instead of oneDNN's (`native_cpu_lstm`)."""
-        weight = self.model.emulator.lstm.weight_ih_l0 if self.mode == "implicit" else None
-        if weight is not None and weight.device.type == "cpu" and weight.dtype == torch.float32:
-            return native_cpu_lstm()
-        return contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def native_cpu_lstm():
-    """oneDNN off while active. The emulator runs its LSTM on one time step, once per layer; on a CPU,
-    PyTorch hands every such call to oneDNN, whose per-call setup dominates: 3 to 13 ms per call measured
-    for H = 768 (12 calls per example), against about 1 ms with PyTorch's native kernel (same math, states
-    equal to 2e-7). In fp32 the decoders' matrix products do not go through oneDNN and are unaffected."""
-    previous = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = previous
+        if self.mode == "implicit":
+            return self.model(batch["input_ids"], batch["attention_mask"], batch["first_sep"]).logits
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
 def check_mode(mode: str) -> str:
@@ -177,7 +152,7 @@ def load_mode_model(mode: str, folder: str | os.PathLike, device: torch.device |
 
     folder = resolve_mode_folder(mode, folder)
     if mode == "implicit":
-        emulator = load_component(folder / "emulator", expect="emulator")
+        emulator = load_component(folder / "emulator", expect="emulator").for_inference()
         student = load_component(folder / "student", expect="student")
         model = CoupledModel(emulator, student)
         tokenizer = load_tokenizer(folder / "student")

@@ -33,6 +33,7 @@ class StageRun:
     work: float = 0.0     # relative cost of the whole stage (see work_per_step); 0 where unknown
     seconds: float = 0.0
     skipped: bool = False
+    beside: bool = False  # ran beside the stages in sequence, with half the CPU threads
 
 
 @dataclass
@@ -151,6 +152,7 @@ def run_stages(recipe: str | None, overrides: list[str], stages: list[str],
         command = [sys.executable, "-m", "icot", "train", run.name, *(["--config", recipe] if recipe else []),
                    *overrides]
         if run.name in beside:
+            run.beside = True
             progress.announce(done_in_sequence, f"{label}: {run.steps} steps, beside the other stages")
             quiet = dict(environment, ICOT_PROGRESS_BAR="0")   # its validation lines still show
             background.append((run, subprocess.Popen(command, env=quiet), time.time()))
@@ -196,7 +198,7 @@ def completed_stage(folder: Path) -> StageRun:
         manifest = json.loads((folder / "manifest.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         manifest = {}
-    return StageRun(folder.name, int(manifest.get("steps", 0)), float(manifest.get("wall_seconds", 0.0)),
+    return StageRun(folder.name, int(manifest.get("steps", 0)), seconds=float(manifest.get("wall_seconds", 0.0)),
                     skipped=True)
 
 
@@ -227,7 +229,8 @@ def write_results(run_dir: Path, stages: list[StageRun], evaluation: dict[str, d
         "machine": machine_description(),
         "test_data": data,
         "modes": evaluation,
-        "stages": {s.name: {"steps": s.steps, "seconds": round(s.seconds, 1), "skipped": s.skipped} for s in stages},
+        "stages": {s.name: {"steps": s.steps, "seconds": round(s.seconds, 1), "skipped": s.skipped, "beside": s.beside}
+                   for s in stages},
         "wall_seconds": round(total_seconds, 1),
     }
     (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -241,7 +244,8 @@ def write_results(run_dir: Path, stages: list[StageRun], evaluation: dict[str, d
                      f"(batch {r['batch_size']}) |")
     lines += ["", "| stage | steps | wall time |", "|---|---|---|"]
     for s in stages:
-        lines.append(f"| {s.name} | {s.steps} | {format_seconds(s.seconds)}{' (earlier run)' if s.skipped else ''} |")
+        note = " (earlier run)" if s.skipped else " (beside the other stages, half the threads)" if s.beside else ""
+        lines.append(f"| {s.name} | {s.steps} | {format_seconds(s.seconds)}{note} |")
     lines += ["", f"Total wall time of this invocation: {format_seconds(total_seconds)}.", ""]
     (run_dir / "results.md").write_text("\n".join(lines))
     plot_results(run_dir, stages, evaluation)

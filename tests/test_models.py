@@ -91,6 +91,20 @@ def test_injection_reaches_every_layer_and_only_the_separator(family):
         torch.testing.assert_close(injected[row, :s1], plain[row, :s1], atol=1e-5, rtol=1e-4)
 
 
+def test_prompt_pass_only_injection_edits_the_first_forward_then_unhooks():
+    student = Student(tiny_gpt2(seed=4)).eval()
+    ids, first_sep, _ = random_example_batch(2, 8, first_seps=[2, 4])
+    states = torch.randn(2, 3, 16)
+    blocks = decoder_blocks(student.decoder)
+    with torch.no_grad():
+        with student.injection(states, first_sep, prompt_pass_only=True):
+            first = student.decoder(ids).logits
+            assert all(not block._forward_pre_hooks for block in blocks)
+            second = student.decoder(ids).logits
+        torch.testing.assert_close(first, student(ids, torch.ones_like(ids), first_sep, states).logits)
+        torch.testing.assert_close(second, student.decoder(ids).logits)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_teacher_states_equal_a_direct_gather_from_hidden_states(family):
     teacher = make_decoder(family, layers=4)
@@ -138,6 +152,16 @@ def test_student_and_coupled_losses_agree_on_true_teacher_states(family):
     torch.testing.assert_close(got, expected)
 
 
+def hand_lstm_step(cell: nn.LSTMCell, x: torch.Tensor, state):
+    """One LSTM step from its gate equations: (h, (h, c))."""
+    h, c = state if state is not None else (torch.zeros_like(x), torch.zeros_like(x))
+    gates = x @ cell.weight_ih.T + cell.bias_ih + h @ cell.weight_hh.T + cell.bias_hh
+    i, f, g, o = gates.chunk(4, dim=-1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    h = torch.sigmoid(o) * torch.tanh(c)
+    return h, (h, c)
+
+
 def hand_emulator_states(emulator: Emulator, ids: torch.Tensor, first_sep: torch.Tensor) -> torch.Tensor:
     """The emulator's recurrence written as a plain loop over a hand-written GPT-2 forward."""
     predictions, keys, context, lstm_state = [], [], None, None
@@ -149,8 +173,7 @@ def hand_emulator_states(emulator: Emulator, ids: torch.Tensor, first_sep: torch
         prediction = emulator.state_mlps[layer](torch.cat([current, mixture], -1))
         predictions.append(prediction)
         context = torch.zeros_like(prediction) if context is None else context
-        out, lstm_state = emulator.lstm((prediction + context)[None], lstm_state)
-        out = out[0]
+        out, lstm_state = hand_lstm_step(emulator.lstm, prediction + context, lstm_state)
         if keys:
             past = torch.stack(keys, 1)
             weights = torch.softmax(torch.einsum("blh,bh->bl", past, emulator.query_proj(out)), dim=1)
@@ -173,6 +196,28 @@ def test_emulator_matches_hand_written_recurrence():
     loss = emulator.loss(EmulatorOutput(got, None), target)["loss"]
     torch.testing.assert_close(loss, ((got - target) ** 2).sum() / 2 / 3)
     torch.testing.assert_close(emulation_loss(got, target), loss)
+
+
+@pytest.mark.parametrize("mixture_size", [1, VOCAB])
+def test_emulator_for_inference_predicts_the_same_states_without_the_last_block(tmp_path, mixture_size):
+    emulator = Emulator(tiny_gpt2(layers=4, seed=5), mixture_size=mixture_size).eval()
+    ids, first_sep, _ = random_example_batch(3, 9, first_seps=[2, 5, 8])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        expected = emulator(ids, mask, first_sep)
+        ran = []
+        decoder_blocks(emulator.decoder)[-1].register_forward_hook(lambda *args: ran.append(True))
+        got = emulator.for_inference()(ids, mask, first_sep)
+    torch.testing.assert_close(got.states, expected.states, atol=1e-6, rtol=1e-5)
+    if mixture_size > 1:
+        torch.testing.assert_close(got.mixture_logits, expected.mixture_logits)
+    else:   # the constant mixture half is folded away
+        assert all(mlp[0].in_features == 16 for mlp in emulator.state_mlps)
+    assert not ran   # the last block's output is never read
+    with pytest.raises(RuntimeError, match="cannot be trained"):
+        emulator(ids, mask, first_sep)
+    with pytest.raises(UserError, match="prepared for inference"):
+        save_component(emulator, tmp_path / "emulator")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

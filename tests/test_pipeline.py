@@ -90,8 +90,15 @@ def test_demo_runs_a_shortened_multiplication_pipeline_and_skips_completed_stage
     assert spans["no_cot"][0] < spans["teacher"][1] and spans["teacher"][0] < spans["no_cot"][1]
     # Only the stages in sequence draw a progress bar: two bars on one terminal garble each other.
     assert "teacher: " in first.stderr and "no_cot: " not in first.stderr
+    stage_lines = {line.split(" | ")[0][2:]: line for line in (out / "run/results.md").read_text().splitlines()
+                   if line.startswith("| ")}
+    assert "beside the other stages" in stage_lines["no_cot"] and "beside" not in stage_lines["teacher"]
     second = icot(*args, cwd=tmp_path)
     assert second.stdout.count("already complete, skipped") == len(STAGES)
+    # Skipped stages report the wall time their manifests recorded.
+    for stage, entry in json.loads((out / "run/results.json").read_text())["stages"].items():
+        manifest = json.loads((out / "run" / stage / "manifest.json").read_text())
+        assert entry["skipped"] and entry["seconds"] == manifest["wall_seconds"] > 0, stage
     assert DEMO_RECIPE.exists()
     # The demo's data writes the column sums as the CoT; asking for other data in the same folder is
     # refused before anything runs.

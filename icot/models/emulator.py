@@ -6,7 +6,9 @@ Before every block l, at the separator position s1:
                while training the token mixture, or softmax(h_l E^T / temperature) E at coupling
                and inference
   zhat_l     = MLP_l([h_l; m_l])                       the prediction of the teacher state z_l
-  o_l, state = LSTM(zhat_l + context, state)           context is 0 at layer 0
+  o_l, state = LSTM(zhat_l + context, state)           context is 0 at layer 0; one LSTM cell step per
+                                                       layer (nn.LSTMCell: nn.LSTM on a CPU hands every
+                                                       one-step call to oneDNN, whose setup dominates)
   context    = softmax over earlier layers of (query(o_l) . key_j) applied to key_j (keys are the
                values, no scaling); key_l = key(o_l) joins the keys afterwards
   written    = out_proj([o_l; context]) replaces the stream's state at s1
@@ -37,6 +39,11 @@ def emulation_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return (predicted.float() - target.float()).pow(2).sum(dim=(1, 2)).mean() / 2
 
 
+class _LastStateReady(Exception):
+    """Ends an inference forward once the last layer's state is predicted: nothing reads the last block's
+    output, nor what the recurrence would write into it."""
+
+
 class _LayerRecurrence:
     """State carried across the layers of one emulator forward (LSTM state, keys, context)."""
 
@@ -53,14 +60,20 @@ class _LayerRecurrence:
     def __call__(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         emulator = self.emulator
         current = gather_rows(hidden, self.positions)
-        mixture = emulator.mixture_vector(current, layer, self.mixture_targets, self.mixture_logits)
-        prediction = emulator.state_mlps[layer](torch.cat((current, mixture), dim=-1))
+        if emulator.mixture_folded:
+            features = current
+        else:
+            mixture = emulator.mixture_vector(current, layer, self.mixture_targets, self.mixture_logits)
+            features = torch.cat((current, mixture), dim=-1)
+        prediction = emulator.state_mlps[layer](features)
         self.predictions.append(prediction)
+        if emulator.inference_only and layer == emulator.num_layers - 1:
+            raise _LastStateReady
 
         if self.context is None:
             self.context = torch.zeros_like(prediction)
-        output, self.lstm_state = emulator.lstm((prediction + self.context).unsqueeze(0), self.lstm_state)
-        output = output.squeeze(0)
+        self.lstm_state = emulator.lstm(prediction + self.context, self.lstm_state)
+        output = self.lstm_state[0]
         key = emulator.key_proj(output)
         if self.keys is None:
             self.keys = key.unsqueeze(1)
@@ -83,10 +96,32 @@ class Emulator(nn.Module):
         self.temperature = temperature
         self.state_mlps = nn.ModuleList(state_mlp(2 * hidden, hidden) for _ in range(self.num_layers))
         self.mixture = nn.Embedding(mixture_size, hidden)
-        self.lstm = nn.LSTM(hidden, hidden, num_layers=1)
+        self.lstm = nn.LSTMCell(hidden, hidden)
         self.key_proj = nn.Linear(hidden, hidden)
         self.query_proj = nn.Linear(hidden, hidden)
         self.out_proj = nn.Linear(2 * hidden, hidden)
+        self.mixture_folded = False
+        self.inference_only = False
+
+    @torch.no_grad()
+    def for_inference(self) -> "Emulator":
+        """The same predictions for less work, what decoding one example at a time is bound by:
+        - the forward stops once the last layer's state is predicted (the last block runs for nothing);
+        - with a single component (M = 1) every state MLP's first layer sees a constant mixture half,
+          W [h; m] + b = W_h h + (W_m m + b), folded here into the bias: a third less MLP weight to read.
+        Training and saving are refused from then on."""
+        self.inference_only = True
+        if self.mixture_size != 1 or self.mixture_folded:
+            return self
+        hidden, constant = self.hidden_size, self.mixture.weight[0]
+        for mlp in self.state_mlps:
+            first = mlp[0]
+            folded = nn.Linear(hidden, first.out_features, device=first.weight.device, dtype=first.weight.dtype)
+            folded.weight.copy_(first.weight[:, :hidden])
+            folded.bias.copy_(first.bias + first.weight[:, hidden:] @ constant)
+            mlp[0] = folded
+        self.mixture_folded = True
+        return self
 
     def mixture_vector(self, current: torch.Tensor, layer: int, targets: torch.Tensor | None,
                        logits_out: list[torch.Tensor]) -> torch.Tensor:
@@ -105,11 +140,16 @@ class Emulator(nn.Module):
         """Predicted states for every layer. `mixture_targets` [B, L] (token ids at the diagonal
         positions) selects the training-time component for the token mixture; `position_ids` are
         needed for left-padded prompts."""
+        if self.inference_only and torch.is_grad_enabled():
+            raise RuntimeError("this emulator was prepared for inference (for_inference); it cannot be trained")
         recurrence = _LayerRecurrence(self, first_sep, mixture_targets)
-        with edit_block_inputs(self.decoder, recurrence):
-            # Only block inputs are used: the base model suffices, no LM head.
-            self.decoder.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                    position_ids=position_ids, use_cache=False)
+        try:
+            with edit_block_inputs(self.decoder, recurrence):
+                # Only block inputs are used: the base model suffices, no LM head.
+                self.decoder.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                        position_ids=position_ids, use_cache=False)
+        except _LastStateReady:
+            pass
         logits = torch.stack(recurrence.mixture_logits, dim=1) if recurrence.mixture_logits else None
         return EmulatorOutput(states=torch.stack(recurrence.predictions, dim=1), mixture_logits=logits)
 

@@ -40,6 +40,8 @@ def save_component(module: nn.Module, path: str | Path, state_dict: dict[str, to
     """
     from safetensors.torch import save_file
 
+    if getattr(module, "inference_only", False):
+        raise UserError(f"{path}: this emulator was prepared for inference (for_inference); save it before")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     kind = component_kind(module)

@@ -36,16 +36,11 @@ class Student(nn.Module):
         injected rows then live on in the KV cache and later single-token steps are left alone.
         """
         vectors = self.injected_states(states)
-        remaining = [True] * self.num_layers
 
         def replace(layer: int, hidden: torch.Tensor) -> torch.Tensor:
-            if prompt_pass_only:
-                if not remaining[layer]:
-                    return hidden
-                remaining[layer] = False
             return replace_rows(hidden, positions, vectors[:, layer])
 
-        return edit_block_inputs(self.decoder, replace)
+        return edit_block_inputs(self.decoder, replace, once=prompt_pass_only)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, first_sep: torch.Tensor,
                 states: torch.Tensor, labels: torch.Tensor | None = None, **kwargs):
