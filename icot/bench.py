@@ -318,14 +318,10 @@ def lean_greedy(decoder, batch: dict[str, torch.Tensor], new_tokens: int, separa
     return torch.cat(tokens, dim=1)
 
 
-class _StopForward(Exception):
-    pass
-
-
 def profile_implicit(task: Task, mm: ModeModels, batch_sizes: list[int], repeats: int, basis: str, log,
                      device="cpu") -> dict:
     """Where the implicit mode's time goes, in ms per example, per batch size."""
-    from icot.models.decoder import edit_block_inputs
+    from icot.models.decoder import StopForward, edit_block_inputs
     from icot.models.generation import greedy_decode
 
     coupled, decoder, sep = mm.coupled, mm.decoder, task.separator_id
@@ -357,15 +353,12 @@ def profile_implicit(task: Task, mm: ModeModels, batch_sizes: list[int], repeats
             # The blocks the emulator runs (all but the last, see Emulator.for_inference), nothing else.
             def stop_at_last_block(layer, hidden):
                 if layer == layers - 1:
-                    raise _StopForward
+                    raise StopForward
                 return hidden
 
-            try:
-                with edit_block_inputs(emulator.decoder, stop_at_last_block):
-                    emulator.decoder.base_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                                                position_ids=b["position_ids"], use_cache=False)
-            except _StopForward:
-                pass
+            with contextlib.suppress(StopForward), edit_block_inputs(emulator.decoder, stop_at_last_block):
+                emulator.decoder.base_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                            position_ids=b["position_ids"], use_cache=False)
 
         @torch.no_grad()
         def student_with_injection(b):

@@ -48,6 +48,10 @@ def decoder_shape(model: nn.Module) -> tuple[int, int]:
     return len(decoder_blocks(model)), int(hidden)
 
 
+class StopForward(Exception):
+    """Raised by a block-input edit to end the forward there, when nothing after that block is read."""
+
+
 @contextmanager
 def edit_block_inputs(model: nn.Module, edit: BlockInputEdit, once: bool = False) -> Iterator[None]:
     """While active, every block's input hidden state goes through `edit(layer, hidden)` first. With

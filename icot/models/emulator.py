@@ -18,13 +18,14 @@ cross-entropy for the token mixture).
 
 from __future__ import annotations
 
+from contextlib import suppress
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from icot.models.decoder import decoder_shape, edit_block_inputs, gather_rows, replace_rows
+from icot.models.decoder import StopForward, decoder_shape, edit_block_inputs, gather_rows, replace_rows
 from icot.models.student import state_mlp
 
 
@@ -37,11 +38,6 @@ class EmulatorOutput:
 def emulation_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Sum over layers and dimensions of squared error / 2, mean over the batch."""
     return (predicted.float() - target.float()).pow(2).sum(dim=(1, 2)).mean() / 2
-
-
-class _LastStateReady(Exception):
-    """Ends an inference forward once the last layer's state is predicted: nothing reads the last block's
-    output, nor what the recurrence would write into it."""
 
 
 class _LayerRecurrence:
@@ -68,7 +64,7 @@ class _LayerRecurrence:
         prediction = emulator.state_mlps[layer](features)
         self.predictions.append(prediction)
         if emulator.inference_only and layer == emulator.num_layers - 1:
-            raise _LastStateReady
+            raise StopForward   # nothing reads the last block's output, nor what would be written into it
 
         if self.context is None:
             self.context = torch.zeros_like(prediction)
@@ -143,13 +139,10 @@ class Emulator(nn.Module):
         if self.inference_only and torch.is_grad_enabled():
             raise RuntimeError("this emulator was prepared for inference (for_inference); it cannot be trained")
         recurrence = _LayerRecurrence(self, first_sep, mixture_targets)
-        try:
-            with edit_block_inputs(self.decoder, recurrence):
-                # Only block inputs are used: the base model suffices, no LM head.
-                self.decoder.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                        position_ids=position_ids, use_cache=False)
-        except _LastStateReady:
-            pass
+        with suppress(StopForward), edit_block_inputs(self.decoder, recurrence):
+            # Only block inputs are used: the base model suffices, no LM head.
+            self.decoder.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                    position_ids=position_ids, use_cache=False)
         logits = torch.stack(recurrence.mixture_logits, dim=1) if recurrence.mixture_logits else None
         return EmulatorOutput(states=torch.stack(recurrence.predictions, dim=1), mixture_logits=logits)
 
