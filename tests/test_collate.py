@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from icot.data.collate import IGNORE_INDEX, collate_generate, collate_train
+from icot.data.collate import IGNORE_INDEX, collate_generate, collate_train, examples_at
 from icot.data.tokenizer_build import EOS_TOKEN
 from icot.data.views import encode_example, separator_positions, tokenize_dataset
 from tests.tokenizer_fixtures import SAMPLE_LINES, TOKENIZER_KINDS, build, line_segments, read_lines, split_line, squash
@@ -149,6 +149,20 @@ def test_tokenized_dataset_rows_collate_directly(tokenizers):
     torch_rows = tokenized.with_format("torch", columns=["cot_ids", "nocot_ids", "prompt_len"])
     from_tensors = collate_train(list(torch_rows), "cot", pad_id=eos)
     assert all(from_rows[key].equal(from_tensors[key]) for key in from_rows)
+
+
+def test_examples_at_reads_the_rows_select_reads(tokenizers):
+    import datasets
+    import numpy as np
+
+    questions, cots, answers = zip(*(split_line(line) for line in SAMPLE_LINES))
+    dataset = datasets.Dataset.from_dict({"question": questions, "cot": cots, "answer": answers})
+    tokenized = tokenize_dataset(dataset, tokenizers["word"])
+    tokenized = tokenized.add_column("row", list(range(len(tokenized))))   # as the state cache attaches it
+    indices = np.array([2, 0, 2, 1])   # NumPy integers, any order, repeats: what a batch order holds
+    rows = examples_at(tokenized, indices)
+    assert rows == list(tokenized.select(indices.tolist()))
+    assert [row["row"] for row in rows] == [2, 0, 2, 1]
 
 
 @pytest.mark.parametrize("relative", ["4_by_4_mult/valid.txt", "gsm8k_aug/valid.txt"])

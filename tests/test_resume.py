@@ -46,6 +46,23 @@ def reference(workspace) -> dict:
     return read_scalars(workspace / "uninterrupted" / "teacher" / "tb")
 
 
+def test_the_batch_order_is_computed_once_per_epoch(monkeypatch):
+    from types import SimpleNamespace
+
+    import icot.loop as loop
+    from icot.config import StageConfig, TrainConfig
+
+    real, calls = loop.batch_order, []
+    monkeypatch.setattr(loop, "batch_order", lambda *args: calls.append(args) or real(*args))
+    config = StageConfig(stage="teacher", train=TrainConfig(batch_size=4, max_steps=7, seed=3))
+    strategy = SimpleNamespace(micro_batch_size=4, gradient_accumulation=1)
+    trainer = loop.Trainer(None, config, strategy, None, train_set=range(13))   # 3 steps an epoch
+    rows = [trainer.epoch_order(step)[step % trainer.steps_per_epoch].tolist() for step in range(7)]
+    assert [args[3] for args in calls] == [0, 1, 2]   # one permutation per epoch, not one per step
+    want = [real(13, 4, 3, step // 3)[step % 3].tolist() for step in range(7)]
+    assert rows == want
+
+
 def launch_and_signal(folder: Path, run_dir: str, sig: int, at_step: int) -> tuple[int, str]:
     """Start the teacher stage, send `sig` once it logs step `at_step`; (exit code, its stdout)."""
     command = train_command("teacher", folder / "recipe.yaml", f"--run_dir={run_dir}")

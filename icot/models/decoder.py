@@ -123,14 +123,22 @@ def build_decoder(config) -> nn.Module:
     """A randomly initialised causal LM from a Hugging Face config."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_config(config)
+    return with_causal_lm_loss(AutoModelForCausalLM.from_config(config))
 
 
 def load_decoder(path: str, **kwargs) -> nn.Module:
     """A causal LM from a local Hugging Face folder (no hub access)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
+    return with_causal_lm_loss(AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs))
+
+
+def with_causal_lm_loss(model: nn.Module) -> nn.Module:
+    """Name the causal-LM loss where transformers cannot infer it from the class name (GPT2LMHeadModel):
+    it would warn at the first loss, then fall back to that same loss."""
+    if getattr(model, "loss_type", None) is None:
+        model.loss_type = "ForCausalLM"
+    return model
 
 
 def set_gradient_checkpointing(model: nn.Module, enabled: bool) -> None:

@@ -10,11 +10,25 @@ collective).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from icot.models.coupled import CoupledModel
+
+
+class IgnorePaddingWarning(logging.Filter):
+    """`generate` drops an attention mask of all ones (an unpadded batch), after which the model warns
+    that the input may be padded because it holds the pad id: every prompt here ends in the separator,
+    which is the pad id. The mask was passed; the warning is false."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "passing in an `attention_mask`" not in record.getMessage()
+
+
+logging.getLogger("transformers.modeling_utils").addFilter(IgnorePaddingWarning())
 
 
 class StopAfterSeparators(StoppingCriteria):

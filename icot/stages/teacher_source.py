@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from icot.data.collate import examples_at
 from icot.models.decoder import decoder_shape
 from icot.models.io import load_component
 from icot.models.teacher_states import diagonal_positions, parse_delta, teacher_states
@@ -109,7 +110,7 @@ class TeacherSource:
         chunks = []
         for b in range(math.ceil(math.ceil(n / world) / batch_size)):
             rows = mine[b * batch_size:(b + 1) * batch_size]
-            states, _ = self.compute(self.stage.collate_view(list(train_set.select(rows or [0])), "cot"))
+            states, _ = self.compute(self.stage.collate_view(examples_at(train_set, rows or [0]), "cot"))
             if rows:
                 chunks.append(states.cpu())
         return torch.cat(chunks) if chunks else torch.empty(0, self.num_layers, self.hidden_size)
