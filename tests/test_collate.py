@@ -138,12 +138,17 @@ def test_left_padded_prompts_give_the_unpadded_next_token_logits(tokenizers):
             torch.testing.assert_close(batched[row], alone, atol=1e-5, rtol=1e-4)
 
 
-def test_tokenized_dataset_rows_collate_directly(tokenizers):
+def tokenized_sample(tokenizer):
+    """SAMPLE_LINES as the tokenized `datasets.Dataset` the stages train on."""
     import datasets
 
     questions, cots, answers = zip(*(split_line(line) for line in SAMPLE_LINES))
     dataset = datasets.Dataset.from_dict({"question": questions, "cot": cots, "answer": answers})
-    tokenized = tokenize_dataset(dataset, tokenizers["word"])
+    return tokenize_dataset(dataset, tokenizer)
+
+
+def test_tokenized_dataset_rows_collate_directly(tokenizers):
+    tokenized = tokenized_sample(tokenizers["word"])
     eos = tokenizers["word"].eos_token_id
     from_rows = collate_train(list(tokenized), "cot", pad_id=eos)
     torch_rows = tokenized.with_format("torch", columns=["cot_ids", "nocot_ids", "prompt_len"])
@@ -152,12 +157,9 @@ def test_tokenized_dataset_rows_collate_directly(tokenizers):
 
 
 def test_examples_at_reads_the_rows_select_reads(tokenizers):
-    import datasets
     import numpy as np
 
-    questions, cots, answers = zip(*(split_line(line) for line in SAMPLE_LINES))
-    dataset = datasets.Dataset.from_dict({"question": questions, "cot": cots, "answer": answers})
-    tokenized = tokenize_dataset(dataset, tokenizers["word"])
+    tokenized = tokenized_sample(tokenizers["word"])
     tokenized = tokenized.add_column("row", list(range(len(tokenized))))   # as the state cache attaches it
     indices = np.array([2, 0, 2, 1])   # NumPy integers, any order, repeats: what a batch order holds
     rows = examples_at(tokenized, indices)
