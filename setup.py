@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["icot", "icot.*"]),
-    package_data={"icot": ["recipes/*.yaml", "ds_configs/*.json"]},
+    package_data={"icot": ["recipes/*.yaml"]},
     install_requires=[
         # GPU users install the torch build for their platform first; this range accepts it.
         "torch>=2.1",

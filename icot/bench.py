@@ -1,12 +1,13 @@
-"""`icot bench`: side-by-side throughput of the three modes and the training-step overhead, in one run.
+"""`icot bench`: side-by-side throughput of every registered mode and the training-step overhead, in one run.
 
 Inference. For each task (`4x4`, `5x5`, ...), real lines are rendered (`render_line`) and tokenized with a
 word tokenizer built on them (`build_from_segments`), which gives the prompt and the real generated
-lengths: the answer (`#### digits <sep>`) for no-CoT and implicit CoT, CoT + separator + answer +
-separator for explicit CoT. Models are randomly initialised with the shapes asked for (GPT-2 Small by
-default, with GPT-2's vocabulary size so that the LM head costs what it costs), and every mode generates
-exactly its real length: the separator is suppressed (`generation_config.suppress_tokens`), so greedy
-decoding runs to `max_new_tokens` = that length. The timed call is the evaluation harness's
+lengths of each mode's view: the answer (`#### digits <sep>`) for modes that answer without CoT
+tokens, CoT + separator + answer + separator for explicit CoT. Each mode's model is built from randomly
+initialised decoders (`ModeModel.random_model`) with the shapes asked for (GPT-2 Small by default, with
+GPT-2's vocabulary size so that the LM head costs what it costs), and every mode generates exactly its
+real length: the separator is suppressed (`generation_config.suppress_tokens`), so greedy decoding runs
+to `max_new_tokens` = that length. The timed call is the evaluation harness's
 (`icot.evaluate.ModeModel.generate`, i.e. `icot.models.generation`): implicit = emulator pass + the
 student's decoding with injected states; explicit = the teacher decoding CoT and answer; no-CoT = the
 answer only. Modes are interleaved batch by batch in a rotating order and each pass over the examples
@@ -16,7 +17,7 @@ Timing basis. On a CPU with one torch thread (`--threads 1`), ratios come from t
 which other jobs on a shared machine disturb far less than the wall clock; wall-clock numbers are
 reported beside them (`--timing` chooses).
 
-A profile splits the implicit mode: the emulator pass (with PyTorch's native LSTM kernel, as the harness
+A profile splits each mode whose model is an emulator + student pair (ICoT-KD's implicit mode): the emulator pass (with PyTorch's native LSTM kernel, as the harness
 runs it, and with the default oneDNN one), its decoder without the per-layer heads, the student's decoding
 with precomputed states against the same decoder without injection (= no-CoT), the share of two
 possible model-side savings (the emulator's unused last block; the constant mixture half of the first
@@ -47,8 +48,9 @@ from pathlib import Path
 
 import torch
 
+from icot import registry
 from icot.errors import UserError
-from icot.evaluate import MODES, ModeModel, _Parser
+from icot.evaluate import ModeModel, _Parser, mode_class
 
 GOALS = {
     "implicit_over_no_cot_batch1": (">=", 0.95),
@@ -72,7 +74,7 @@ class Task:
     features: list[dict]              # cot_ids, nocot_ids, prompt_len, answer
     separator_id: int
     prompt_len: int = 0
-    new_tokens: dict[str, int] = field(default_factory=dict)   # per mode
+    new_tokens: dict[str, int] = field(default_factory=dict)   # per mode: the continuation of its view
     cot_view_length: int = 0
 
 
@@ -115,8 +117,8 @@ def build_task(name: str, examples: int, seed: int = 0) -> Task:
         raise RuntimeError(f"{name}: lines of unequal token lengths {sorted(lengths)}")
     cot_len, nocot_len, prompt_len = lengths.pop()
     task.prompt_len, task.cot_view_length = prompt_len, cot_len
-    task.new_tokens = {"no_cot": nocot_len - prompt_len, "explicit": cot_len - prompt_len,
-                       "implicit": nocot_len - prompt_len}
+    continuation = {"cot": cot_len - prompt_len, "nocot": nocot_len - prompt_len}
+    task.new_tokens = {mode.name: continuation[mode.view] for mode in registry.modes()}
     return task
 
 
@@ -169,28 +171,16 @@ def forced_length(decoder, separator_id: int) -> None:
     decoder.generation_config.suppress_tokens = [separator_id]
 
 
-@dataclass
-class ModeModels:
-    models: dict[str, ModeModel]
-    decoder: torch.nn.Module        # no-CoT, teacher and student share one decoder (same shape, same cost)
-    coupled: torch.nn.Module
-
-
-def build_mode_models(shape: Shape, task: Task, seed: int, device: torch.device | str = "cpu") -> ModeModels:
-    from icot.models.coupled import CoupledModel
-    from icot.models.emulator import Emulator
-    from icot.models.student import Student
-
-    decoder = random_decoder(shape, task.tokenizer, seed).eval()
-    emulator_decoder = random_decoder(shape, task.tokenizer, seed + 1).eval()
-    for d in (decoder, emulator_decoder):
-        forced_length(d, task.separator_id)
-    torch.manual_seed(seed + 2)
-    coupled = CoupledModel(Emulator(emulator_decoder).for_inference(), Student(decoder)).to(device).eval()   # as icot eval
-    models = {"no_cot": ModeModel("no_cot", decoder, task.tokenizer, task.separator_id),
-              "explicit": ModeModel("explicit", decoder, task.tokenizer, task.separator_id),
-              "implicit": ModeModel("implicit", coupled, task.tokenizer, task.separator_id)}
-    return ModeModels(models, decoder, coupled)
+def build_mode_models(shape: Shape, task: Task, seed: int, device: torch.device | str = "cpu") -> dict[str, ModeModel]:
+    """Every registered mode's model, from random decoders of `shape` (in inference form, as icot eval
+    loads them); each generating decoder never emits the separator."""
+    models = {}
+    for mode in registry.mode_names():
+        cls = mode_class(mode)
+        model = cls.random_model(lambda offset: random_decoder(shape, task.tokenizer, seed + offset)).to(device).eval()
+        models[mode] = cls(mode, model, task.tokenizer)
+        forced_length(models[mode].decoder, task.separator_id)
+    return models
 
 
 # --------------------------------------------------------------------------------------------------
@@ -254,26 +244,25 @@ def _batches(task: Task, size: int, device="cpu") -> list[dict[str, torch.Tensor
             for i in range(0, len(task.features), size)]
 
 
-def measure_inference(task: Task, mm: ModeModels, batch_sizes: list[int], repeats: int, basis: str, log,
+def measure_inference(task: Task, mm: dict[str, ModeModel], batch_sizes: list[int], repeats: int, basis: str, log,
                       device="cpu") -> dict:
     """Examples/s per mode and batch size: the harness's timed call (`ModeModel.generate`, which for implicit
     includes the emulator pass) over the task's examples, modes interleaved batch by batch; median of
     `repeats`."""
     n = len(task.features)
-    result = {"examples": n, "examples_per_s": {m: {} for m in MODES},
-              "examples_per_s_wall": {m: {} for m in MODES}, "examples_per_s_cpu": {m: {} for m in MODES},
-              "seconds_wall": {m: {} for m in MODES}, "seconds_cpu": {m: {} for m in MODES}}
+    result = {"examples": n, **{key: {m: {} for m in mm} for key in (
+        "examples_per_s", "examples_per_s_wall", "examples_per_s_cpu", "seconds_wall", "seconds_cpu")}}
 
     def generator(mode):
         def run(batch):
-            generated = mm.models[mode].generate(batch, task.new_tokens[mode])
+            generated = mm[mode].generate(batch, task.new_tokens[mode])
             if any(len(ids) != task.new_tokens[mode] for ids in generated):
                 raise RuntimeError(f"{task.name} {mode}: generated {sorted({len(i) for i in generated})} tokens, "
                                    f"expected {task.new_tokens[mode]} (is the separator suppressed?)")
         return run
 
     for size in batch_sizes:
-        timings = interleaved({mode: generator(mode) for mode in MODES}, _batches(task, size, device), repeats,
+        timings = interleaved({mode: generator(mode) for mode in mm}, _batches(task, size, device), repeats,
                               device=device)
         for mode, timing in timings.items():
             b = str(size)
@@ -282,51 +271,26 @@ def measure_inference(task: Task, mm: ModeModels, batch_sizes: list[int], repeat
             result["examples_per_s_cpu"][mode][b] = n / timing.seconds("cpu")
             result["seconds_wall"][mode][b] = timing.wall
             result["seconds_cpu"][mode][b] = timing.cpu
-            log(f"  {task.name} {mode:8s} batch {size:3d}: {n / timing.seconds('wall'):8.2f} ex/s wall, "
+            log(f"  {task.name} {mode:10s} batch {size:3d}: {n / timing.seconds('wall'):8.2f} ex/s wall, "
                 f"{n / timing.seconds('cpu'):8.2f} ex/s cpu")
     return result
 
 
 # --------------------------------------------------------------------------------------------------
-# Profile of the implicit mode.
+# Profile of an emulator + student mode.
 
 
-@torch.no_grad()
-def lean_greedy(decoder, batch: dict[str, torch.Tensor], new_tokens: int, separator_id: int,
-                prefill_context=None) -> torch.Tensor:
-    """Greedy decoding with a KV cache, calling the model directly (no `generate`), the separator
-    suppressed as in the benchmark; `prefill_context` wraps the prompt pass only (e.g. the injection)."""
-    from transformers import DynamicCache
-
-    mask, positions = batch["attention_mask"], batch["position_ids"]
-    cache = DynamicCache(config=decoder.config)
-    with prefill_context if prefill_context is not None else contextlib.nullcontext():
-        out = decoder(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, cache=cache,
-                      use_cache=True, logits_to_keep=1)
-    tokens = []
-    ones = mask.new_ones((mask.size(0), 1))
-    for step in range(new_tokens):
-        logits = out.logits[:, -1]
-        logits[:, separator_id] = float("-inf")
-        token = logits.argmax(dim=-1, keepdim=True)
-        tokens.append(token)
-        if step == new_tokens - 1:
-            break
-        mask = torch.cat((mask, ones), dim=1)
-        positions = positions[:, -1:] + 1
-        out = decoder(input_ids=token, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
-    return torch.cat(tokens, dim=1)
-
-
-def profile_implicit(task: Task, mm: ModeModels, batch_sizes: list[int], repeats: int, basis: str, log,
+def profile_implicit(task: Task, mode_model: ModeModel, batch_sizes: list[int], repeats: int, basis: str, log,
                      device="cpu") -> dict:
-    """Where the implicit mode's time goes, in ms per example, per batch size."""
+    """Where an emulator + student mode's time goes, in ms per example, per batch size; its student's
+    decoder without injection stands for no-CoT decoding (same shape, same cost)."""
     from icot.models.decoder import StopForward, edit_block_inputs
-    from icot.models.generation import greedy_decode
+    from icot.models.generation import greedy_decode, lean_greedy
 
-    coupled, decoder, sep = mm.coupled, mm.decoder, task.separator_id
+    coupled, sep = mode_model.model, task.separator_id
     emulator, student = coupled.emulator, coupled.student
-    answer_tokens = task.new_tokens["implicit"]
+    decoder = student.decoder
+    answer_tokens = task.new_tokens[mode_model.mode]
     layers = len(emulator.state_mlps)
     n = len(task.features)
     result = {}
@@ -338,7 +302,7 @@ def profile_implicit(task: Task, mm: ModeModels, batch_sizes: list[int], repeats
 
         # The lean loop must decode exactly what `generate` decodes, with and without the injection.
         first = batches[0]
-        hf_ids = torch.tensor(mm.models["implicit"].generate(first, answer_tokens))
+        hf_ids = torch.tensor(mode_model.generate(first, answer_tokens))
         injection = student.injection(states[id(first)], first["first_sep"])
         lean_ids = lean_greedy(decoder, first, answer_tokens, sep, injection)
         if not torch.equal(hf_ids, lean_ids.cpu()):
@@ -370,7 +334,7 @@ def profile_implicit(task: Task, mm: ModeModels, batch_sizes: list[int], repeats
             greedy_decode(decoder, b, sep, 1, answer_tokens)
 
         def implicit_generate(b):
-            mm.models["implicit"].generate(b, answer_tokens)
+            mode_model.generate(b, answer_tokens)
 
         def no_cot_lean(b):
             lean_greedy(decoder, b, answer_tokens, sep)
@@ -412,20 +376,19 @@ def measure_training(shape: Shape, task: Task, batch_size: int, steps: int, warm
     minimal PyTorch AdamW loop; same model initialisation, same batches."""
     import datasets
 
-    from icot.config import ModelConfig, Paths, StageConfig, TrainConfig
+    from icot.config import ModelConfig, Paths, TrainConfig, stage_config
     from icot.data.collate import collate_train, to_device
     from icot.data.views import tokenized_features
     from icot.engine import Strategy
     from icot.loop import Trainer, batch_order
-    from icot.stages.teacher import TeacherStage
 
     train = TrainConfig(lr=lr, batch_size=batch_size, zero_stage=0, max_steps=10 ** 6, log_every=10 ** 6,
                         seed=seed)
-    config = StageConfig(stage="teacher", model=ModelConfig(family=shape.family, layers=shape.layers,
-                                                            hidden=shape.hidden, heads=shape.heads,
-                                                            max_positions=shape.max_positions), train=train)
+    config = stage_config("teacher", model=ModelConfig(family=shape.family, layers=shape.layers,
+                                                       hidden=shape.hidden, heads=shape.heads,
+                                                       max_positions=shape.max_positions), train=train)
     strategy = Strategy(train).init_distributed()
-    stage = TeacherStage(config, strategy, task.tokenizer)
+    stage = registry.get_stage("teacher").load()(config, strategy, task.tokenizer)
     model = random_decoder(shape, task.tokenizer, seed).train()
     device = strategy.device
     hand_model = copy.deepcopy(model).to(device).train()
@@ -499,15 +462,24 @@ def measure_training(shape: Shape, task: Task, batch_size: int, steps: int, warm
 # Ratios, goals, table.
 
 
+def reference_modes() -> list[str]:
+    """The modes every other is compared with: those of the shared stages (no-CoT, explicit CoT)."""
+    shared = {m.name for m in registry.methods() if m.shared}
+    return [spec.mode.name for spec in registry.stages() if spec.mode is not None and spec.method in shared]
+
+
 def inference_ratios(inference: dict, batched: int, key: str = "examples_per_s") -> dict:
+    """`<mode>_over_<reference>_batch1` / `_batched` throughput ratios of every mode to each reference."""
     eps = inference[key]
-    b = str(batched)
-    return {
-        "implicit_over_no_cot_batch1": eps["implicit"]["1"] / eps["no_cot"]["1"],
-        "implicit_over_no_cot_batched": eps["implicit"][b] / eps["no_cot"][b],
-        "implicit_over_explicit_batch1": eps["implicit"]["1"] / eps["explicit"]["1"],
-        "implicit_over_explicit_batched": eps["implicit"][b] / eps["explicit"][b],
-    }
+    references = reference_modes()
+    ratios = {}
+    for mode in eps:
+        if mode in references:
+            continue
+        for reference in references:
+            for suffix, size in (("batch1", "1"), ("batched", str(batched))):
+                ratios[f"{mode}_over_{reference}_{suffix}"] = eps[mode][size] / eps[reference][size]
+    return ratios
 
 
 def _met(op: str, value: float, goal: float) -> bool:
@@ -517,7 +489,7 @@ def _met(op: str, value: float, goal: float) -> bool:
 def goal_checks(ratios: dict) -> list[dict]:
     checks = []
     for task, values in ratios.get("inference", {}).items():
-        for key in ("implicit_over_no_cot_batch1", "implicit_over_no_cot_batched", "implicit_over_explicit_batch1"):
+        for key in (k for k in values if k in GOALS):
             goal = GOALS[key]
             if isinstance(goal, dict):
                 goal = goal.get(task)
@@ -544,22 +516,22 @@ def format_table(report: dict) -> str:
         lines.append(f"{'task':6s} {'mode':9s} {'new tokens':>10s} {'batch 1':>18s} {'batch ' + str(batched):>18s}")
         for task in tasks:
             entry = report["tasks"][task]
-            for mode in MODES:
+            for mode in entry["inference"]["examples_per_s"]:
                 eps = entry["inference"]["examples_per_s"][mode]
                 wall = entry["inference"]["examples_per_s_wall"][mode]
                 lines.append(f"{task:6s} {mode:9s} {entry['new_tokens'][mode]:10d} "
                              f"{eps['1']:8.2f} ({wall['1']:7.2f}) {eps[str(batched)]:8.2f} ({wall[str(batched)]:7.2f})")
         lines.append("")
         lines.append(f"{'ratio':48s}" + "".join(f"{t:>9s}" for t in tasks) + "   goal")
-        names = {"implicit_over_no_cot_batch1": "implicit / no_cot, batch 1",
-                 "implicit_over_no_cot_batched": f"implicit / no_cot, batch {batched}",
-                 "implicit_over_explicit_batch1": "implicit / explicit, batch 1",
-                 "implicit_over_explicit_batched": f"implicit / explicit, batch {batched}"}
-        goals = {"implicit_over_no_cot_batch1": ">= 0.95", "implicit_over_no_cot_batched": ">= 0.90",
-                 "implicit_over_explicit_batch1": ">= 4 (4x4), >= 5 (5x5)", "implicit_over_explicit_batched": ""}
+        keys = list(report["ratios"]["inference"][tasks[0]])
+        names = {key: key.replace("_over_", " / ").replace("_batch1", ", batch 1")
+                 .replace("_batched", f", batch {batched}") for key in keys}
+        goals = {key: ", ".join(f"{op} {value}" + (f" ({t})" if t else "") for t, (op, value) in
+                                (GOALS[key].items() if isinstance(GOALS[key], dict) else [("", GOALS[key])]))
+                 for key in keys if key in GOALS}
         for key, label in names.items():
             values = "".join(f"{report['ratios']['inference'][t][key]:9.2f}" for t in tasks)
-            lines.append(f"{label:48s}{values}   {goals[key]}")
+            lines.append(f"{label:48s}{values}   {goals.get(key, '')}")
         if basis != "wall":
             for key, label in names.items():
                 values = "".join(f"{report['ratios']['inference_wall'][t][key]:9.2f}" for t in tasks)
@@ -659,7 +631,10 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
             entry = {"prompt_tokens": task.prompt_len, "new_tokens": task.new_tokens,
                      "inference": measure_inference(task, mm, batch_sizes, args.repeats, basis, log, device)}
             if not args.skip_profile:
-                entry["profile_implicit"] = profile_implicit(task, mm, batch_sizes, args.repeats, basis, log, device)
+                from icot.models.coupled import CoupledModel
+
+                entry["profile"] = {mode: profile_implicit(task, model, batch_sizes, args.repeats, basis, log, device)
+                                    for mode, model in mm.items() if isinstance(model.model, CoupledModel)}
             report["tasks"][name] = entry
             report["ratios"]["inference"][name] = inference_ratios(entry["inference"], args.batch_size)
             report["ratios"]["inference_wall"][name] = inference_ratios(entry["inference"], args.batch_size,

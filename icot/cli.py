@@ -1,9 +1,11 @@
 """The `icot` command: a Fire dispatcher and nothing more.
 
-Fire guesses types (`a,b` becomes a tuple, `007` becomes 7), so commands that take configuration
-overrides read the raw `--key=value` strings from the command line and hand them to the typed config
-layer; Fire only picks the command. Every import is lazy so that `icot --help` is fast. A command
-returns None and reports failure by raising `UserError` (one line, exit 2) or `SystemExit`.
+Fire picks the command and parses the plain options of the data and tokenizer commands. It guesses
+types (`a,b` becomes a tuple, `007` becomes 7), so the commands that take configuration overrides
+(train, config, eval, pipeline, demo, bench) read the raw `--key=value` strings from the command line
+and hand them to the typed config layer or their own argument parser. Every import is lazy so that
+`icot --help` is fast. A command returns None and reports failure by raising `UserError` (one line,
+exit 2) or `SystemExit`.
 """
 
 from __future__ import annotations
@@ -24,16 +26,19 @@ class DataCommands:
     """Generate and validate task data."""
 
     def multiply(self, digits=None, digits_a=None, digits_b=None, train=808000, valid=1000, test=1000,
-                 seed=0, out="data/mult", format="txt", layout="paper"):
+                 seed=0, out="data/mult", format="txt", layout="paper", exclude=()):
         """Generate N x M digit multiplication in the paper's format (train/valid/test, disjoint).
 
         --layout final_sum also writes the last running sum (the answer) in the CoT: `... + Pm ( Sm )`;
         --layout columns writes the column sums as the CoT (icot/data/multiply.py).
+        --exclude FILE[,FILE]: no generated line shares operands with these files (e.g. the official
+        BIG-bench test set and the papers' validation file, for a training set that evaluates on them).
         """
         from icot.data.multiply import generate_splits_cli
 
         generate_splits_cli(digits=digits, digits_a=digits_a, digits_b=digits_b, train=train,
-                            valid=valid, test=test, seed=seed, out=out, format=format, layout=layout)
+                            valid=valid, test=test, seed=seed, out=out, format=format, layout=layout,
+                            exclude=exclude)
 
     def check(self, *files, skip_bad=False):
         """Validate data files: format for all, and re-derive multiplication lines from operands."""
@@ -52,40 +57,65 @@ class TokenizerCommands:
         build_tokenizer_cli(list(files), kind=kind, out=out, vocab_size=vocab_size)
 
 
+def stage_list() -> str:
+    from icot import registry
+
+    lines = ["icot train STAGE --config RECIPE [--key=value ...]; `icot train STAGE --help` lists its keys.", ""]
+    for method in registry.methods():
+        lines.append(f"{method.name}: {method.title}")
+        lines.extend(f"  {spec.name:14s} {spec.title}" for spec in method.stages)
+    return "\n".join(lines)
+
+
 class Commands:
-    """icot: implicit chain-of-thought reasoning via knowledge distillation."""
+    """icot: implicit chain-of-thought reasoning, every method on one engine and one evaluation."""
 
     def __init__(self, argv: list[str]):
         self._argv = argv
         self.data = DataCommands()
         self.tokenizer = TokenizerCommands()
 
-    def train(self, stage, *_, **__):
-        """Train one stage: icot train <stage> --config RECIPE [--key=value ...]."""
-        from icot.stages import run_stage
+    def train(self, stage=None, *_, **__):
+        """Train one stage: icot train STAGE --config RECIPE [--key=value ...]; STAGE --help lists its keys."""
+        if stage is None or str(stage).startswith("-"):
+            print(stage_list())
+            return
+        from icot.train import run_stage
 
         run_stage(stage, raw_overrides(self._argv, 2))
 
+    def config(self, *_, **__):
+        """Print the resolved config of every stage of a recipe (or --stage S): icot config --config RECIPE."""
+        from icot.config_cli import config_cli
+
+        config_cli(raw_overrides(self._argv, 1))
+
+    def stages(self, *_, **__):
+        """The stages a recipe trains, in order, with what each reads and the mode it serves."""
+        from icot.config_cli import stages_cli
+
+        stages_cli(raw_overrides(self._argv, 1))
+
     def eval(self, *_, **__):
-        """Evaluate a mode (no_cot | explicit | implicit) on a data file: accuracy and throughput."""
+        """Evaluate one mode (icot eval --help lists them) on a data file: accuracy and throughput."""
         from icot.evaluate import evaluate_cli
 
         evaluate_cli(raw_overrides(self._argv, 1))
 
     def pipeline(self, *_, **__):
-        """Run every stage and the evaluation from one recipe, skipping completed stages."""
+        """Run every stage of the recipe's methods and the evaluation, skipping completed stages."""
         from icot.pipeline import pipeline_cli
 
         pipeline_cli(raw_overrides(self._argv, 1))
 
     def demo(self, *_, **__):
         """The built-in CPU pipeline: generated multiplication, small GPT-2 from scratch."""
-        from icot.pipeline import demo_cli
+        from icot.demo import demo_cli
 
         demo_cli(raw_overrides(self._argv, 1))
 
     def bench(self, *_, **__):
-        """Side-by-side throughput and overhead benchmarks."""
+        """Side-by-side throughput of every mode and the training-step overhead."""
         from icot.bench import bench_cli
 
         bench_cli(raw_overrides(self._argv, 1))

@@ -1,9 +1,16 @@
-"""Typed stage configuration: dataclasses, a YAML recipe, dotted command-line overrides.
+"""Typed stage configuration: dataclasses with help text, a YAML recipe, dotted command-line overrides.
 
 One stage's configuration is merged, later layers winning, from:
 
     dataclass defaults <- recipe (shared sections) <- recipe `stages.<stage>`
                        <- command line (shared)     <- command line `--stages.<stage>.*`
+
+Every field is declared once, with its type, default and help text (`option`): the loader converts and
+checks values by it, and `icot train STAGE --help` prints it. A stage's config holds the shared sections
+(`run_dir`, `model`, `data`, `train`), `inputs` (one entry per earlier stage it reads, by role) and the
+section of the method it belongs to (named after the method, e.g. `icot_kd:`); the registry
+(`icot.registry`) says which. A recipe may hold the sections of several methods and `methods:`, the
+methods `icot pipeline` runs.
 
 Every value arrives as text (YAML scalars are read as raw text, not through PyYAML's type guessing,
 which reads `1e-4` as a string and `007` as 7) and is converted by the type its field declares.
@@ -16,31 +23,31 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import re
+import functools
 import typing
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from icot import registry
 from icot.errors import UserError
+from icot.exports import LAST, ExportChoice
 
-STAGES = ("teacher", "no_cot", "mind_reading", "emulation", "coupling")
 
-
-def _field(default=None, *, factory=None, choices=None, minimum=None, check=None):
-    """A dataclass field whose metadata the loader validates: allowed values, a lower bound, a check."""
-    meta = {"choices": choices, "minimum": minimum, "check": check}
+def option(default=MISSING, *, help: str, factory=None, minimum=None, check=None):
+    """A config field: its help text, and what the loader checks beyond the type (a lower bound, a check
+    function returning a problem or None)."""
+    meta = {"help": help, "minimum": minimum, "check": check}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
 
 
-def _check_delta(value: str) -> str | None:
-    if value in ("dynamic", "first_column") or re.fullmatch(r"\d+", value):
-        return None
-    return "expected 'dynamic', 'first_column' or a non-negative integer"
+def section(cls, help: str):
+    """A field holding a nested section."""
+    return field(default_factory=cls, metadata={"help": help})
 
 
 def _check_betas(value: list) -> str | None:
@@ -51,80 +58,127 @@ def _check_betas(value: list) -> str | None:
 
 @dataclass
 class ModelConfig:
-    name_or_path: Optional[str] = None  # a local Hugging Face folder; None builds `family` from scratch
-    family: str = _field("gpt2", choices=("gpt2", "llama", "mistral", "qwen2"))
-    layers: int = _field(4, minimum=1)
-    hidden: int = _field(128, minimum=1)
-    heads: int = _field(4, minimum=1)
-    kv_heads: Optional[int] = _field(None, minimum=1)
-    intermediate: Optional[int] = _field(None, minimum=1)
-    max_positions: int = _field(512, minimum=1)
-    dropout: float = _field(0.0, minimum=0.0)
-    tokenizer: Optional[str] = None
-    gradient_checkpointing: bool = False
+    name_or_path: Optional[str] = option(None, help="a local Hugging Face model folder (pretrained weights); "
+                                                    "null builds model.family from scratch")
+    family: Literal["gpt2", "llama", "mistral", "qwen2"] = option(
+        "gpt2", help="the architecture built from scratch when model.name_or_path is null")
+    layers: int = option(4, minimum=1, help="decoder blocks (from scratch)")
+    hidden: int = option(128, minimum=1, help="hidden size (from scratch)")
+    heads: int = option(4, minimum=1, help="attention heads (from scratch)")
+    kv_heads: Optional[int] = option(None, minimum=1, help="key/value heads for grouped-query attention "
+                                                           "(llama-family, from scratch); null: model.heads")
+    intermediate: Optional[int] = option(None, minimum=1, help="MLP width (llama-family, from scratch); "
+                                                               "null: 4 x model.hidden")
+    max_positions: int = option(512, minimum=1, help="position embeddings (from scratch)")
+    dropout: float = option(0.0, minimum=0.0, help="dropout probability; stages that train with dropout off "
+                                                   "(all but the teacher) ignore it")
+    tokenizer: Optional[str] = option(None, help="a local tokenizer folder; null: model.name_or_path, else the "
+                                                 "export of the first stage this one reads")
+    gradient_checkpointing: bool = option(False, help="activation checkpointing over the decoder blocks")
 
 
 @dataclass
 class DataConfig:
-    train: Optional[str] = None
-    valid: Optional[str] = None
-    test: Optional[str] = None
-    max_train_examples: Optional[int] = _field(None, minimum=0)
-    max_eval_examples: Optional[int] = _field(None, minimum=0)
-    max_length: int = _field(1024, minimum=1)
-    num_proc: int = _field(1, minimum=1)
-    skip_bad_lines: bool = False
-    cache_dir: Optional[str] = None
+    train: Optional[str] = option(None, help="training file of INPUT||COT #### ANSWER lines")
+    valid: Optional[str] = option(None, help="validation file (loss, token accuracy and decoded accuracy "
+                                             "during training); null: no validation")
+    test: Optional[str] = option(None, help="test file, evaluated by icot pipeline after the stages")
+    max_train_examples: Optional[int] = option(None, minimum=0, help="use the first N training lines only")
+    max_eval_examples: Optional[int] = option(None, minimum=0, help="use the first N validation lines only")
+    max_length: int = option(1024, minimum=1, help="drop examples whose with-CoT view has more tokens")
+    num_proc: int = option(1, minimum=1, help="processes for tokenization")
+    skip_bad_lines: bool = option(False, help="skip malformed lines (counted in a warning) instead of stopping "
+                                              "at the first with file:line")
+    cache_dir: Optional[str] = option(None, help="folder for the tokenized-data cache; null: beside the "
+                                                 "dataset's own cache files")
 
 
 @dataclass
 class TrainConfig:
-    lr: float = _field(5e-5, minimum=0.0)
-    weight_decay: float = _field(0.01, minimum=0.0)
-    betas: list[float] = _field(factory=lambda: [0.9, 0.999], check=_check_betas)
-    eps: float = _field(1e-8, minimum=0.0)
-    batch_size: int = _field(32, minimum=1)  # global: micro x accumulation x world size
-    micro_batch_size: Optional[int] = _field(None, minimum=1)  # per rank; None: batch_size / world size
-    epochs: float = _field(1.0, minimum=0.0)
-    max_steps: Optional[int] = _field(None, minimum=0)
-    schedule: str = _field("constant", choices=("constant", "linear", "cosine"))
-    warmup_steps: int = _field(0, minimum=0)
-    grad_clip: float = _field(0.0, minimum=0.0)  # 0 = off (the paper's runs had no effective clipping)
-    precision: str = _field("fp32", choices=("fp32", "bf16", "fp16"))
-    zero_stage: int = _field(0, choices=(0, 1, 2, 3))
-    offload: bool = False
-    seed: int = 42
-    log_every: int = _field(10, minimum=1)
-    eval_every: int = _field(0, minimum=0)
-    eval_examples: int = _field(256, minimum=0)
-    save_every: int = _field(0, minimum=0)
-    keep_last: int = _field(2, minimum=1)
-    resume: str = "auto"  # auto | never | a checkpoint path
-    ds_config: Optional[str] = None  # a DeepSpeed template (path or ds_configs/ name) replacing the default
+    lr: float = option(5e-5, minimum=0.0, help="AdamW learning rate (the peak value under a schedule)")
+    weight_decay: float = option(0.01, minimum=0.0, help="AdamW weight decay, on every parameter "
+                                                         "(torch AdamW's default, as in the paper's runs)")
+    betas: list[float] = option(factory=lambda: [0.9, 0.999], check=_check_betas, help="AdamW betas")
+    eps: float = option(1e-8, minimum=0.0, help="AdamW epsilon")
+    batch_size: int = option(32, minimum=1, help="global batch: micro batch x gradient accumulation x world size")
+    micro_batch_size: Optional[int] = option(None, minimum=1, help="examples per rank and forward; null: "
+                                                                   "train.batch_size / world size (no accumulation)")
+    epochs: float = option(1.0, minimum=0.0, help="passes over the training set (fractions allowed); "
+                                                  "train.max_steps wins when set")
+    max_steps: Optional[int] = option(None, minimum=0, help="optimizer steps; null: train.epochs x steps per epoch")
+    schedule: Literal["constant", "linear", "cosine"] = option("constant", help="learning-rate schedule after warmup")
+    warmup_steps: int = option(0, minimum=0, help="linear warmup steps")
+    grad_clip: float = option(0.0, minimum=0.0, help="clip the global gradient norm to this; 0 = off (the "
+                                                     "paper-era runs clipped nothing; the reference code now "
+                                                     "clips at 1.0)")
+    precision: Literal["fp32", "bf16", "fp16"] = option("fp32", help="training precision (the paper: fp32)")
+    zero_stage: Literal[0, 1, 2, 3] = option(0, help="DeepSpeed ZeRO stage")
+    offload: bool = option(False, help="offload optimizer state (ZeRO 2-3) and parameters (ZeRO 3) to the CPU")
+    seed: int = option(42, help="seed of the initial weights, the data order and dropout")
+    log_every: int = option(10, minimum=1, help="optimizer steps between log lines and TensorBoard points")
+    eval_every: int = option(0, minimum=0, help="optimizer steps between validations; 0: at the end only")
+    eval_examples: int = option(256, minimum=0, help="validation examples decoded for accuracy at each validation")
+    save_every: int = option(0, minimum=0, help="optimizer steps between checkpoints; 0: at the end and on "
+                                                "a stop signal only")
+    keep_last: int = option(2, minimum=1, help="checkpoints kept in <stage>/ckpt")
+    export_each_epoch: bool = option(False, help="also export after every epoch, into <stage>/exports/epoch<N> "
+                                                 "(validated there), so a later stage can read 'epoch N' or 'best'")
+    export_epochs: list[int] = option(factory=list, help="also export after these epochs (counted from 1), "
+                                                         "into <stage>/exports/epoch<N>; e.g. 6,7")
+    export_every: int = option(0, minimum=0, help="also export every N optimizer steps, into "
+                                                  "<stage>/exports/step<N>; 0: off")
+    resume: str = option("auto", help="auto: from the newest complete checkpoint in <stage>/ckpt; never: from "
+                                      "step 0; or a checkpoint folder")
+    ds_config: Optional[str] = option(None, help="a DeepSpeed JSON file to start from (e.g. ds_configs/*.json); "
+                                                 "icot fills and checks the keys it owns")
 
 
 @dataclass
-class MethodConfig:
-    delta: str = _field("dynamic", check=_check_delta)
-    mixture: str = _field("none", choices=("none", "token"))
-    mixture_temperature: float = _field(0.05, minimum=0.0)
-    mixture_loss_weight: float = _field(1.0, minimum=0.0)
-    init_from_teacher: bool = False
-    teacher_state_cache: bool = False   # mind_reading / emulation: teacher states computed once, not per step
-    freeze: str = _field("none", choices=("none", "student", "emulator"))
+class InputConfig:
+    dir: Optional[str] = option(None, help="read this stage folder instead of the one in run_dir")
+    export: ExportChoice = option(LAST, help="which of its exports: last, best (on validation), 'epoch N' or "
+                                             "'step N' (kept with train.export_each_epoch / export_every)")
 
 
 @dataclass
 class StageConfig:
+    """The sections every stage has; `config_class(stage)` adds its inputs and its method's section."""
+
     stage: str
-    run_dir: str = "runs/icot"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
-    teacher_dir: Optional[str] = None
-    student_dir: Optional[str] = None
-    emulator_dir: Optional[str] = None
+    run_dir: str = option("runs/icot", help="the run folder: each stage writes <run_dir>/<stage>/")
+    model: ModelConfig = section(ModelConfig, "the decoder")
+    data: DataConfig = section(DataConfig, "data files and tokenization")
+    train: TrainConfig = section(TrainConfig, "optimisation, DeepSpeed, logging and checkpoints")
+
+
+@functools.cache
+def config_class(stage: str) -> type:
+    """The config dataclass of one stage: StageConfig + `inputs` (when it reads earlier stages) + the
+    section of its method (when the method declares one)."""
+    spec = registry.get_stage(stage)
+    fields = []
+    if spec.reads:
+        inputs = dataclasses.make_dataclass(
+            f"{_camel(stage)}Inputs",
+            [(role, InputConfig, field(default_factory=InputConfig,
+                                       metadata={"help": f"the {source} stage this stage reads as its {role}"}))
+             for role, source in spec.reads.items()])
+        fields.append(("inputs", inputs, section(inputs, "the earlier stages this stage reads")))
+    method = registry.get_method(spec.method)
+    if method.section is not None:
+        fields.append((method.name, method.section, section(method.section, f"{method.title} options")))
+    if not fields:
+        return StageConfig
+    return dataclasses.make_dataclass(f"{_camel(stage)}Config", fields, bases=(StageConfig,))
+
+
+def _camel(name: str) -> str:
+    return "".join(part.capitalize() for part in name.split("_"))
+
+
+def stage_config(stage: str, **values) -> StageConfig:
+    """A stage's config from Python (defaults for what is not given)."""
+    return config_class(stage)(stage=stage, **values)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -240,37 +294,67 @@ def _merge(base: dict, top: dict) -> dict:
 def _unwrap_optional(tp) -> tuple[Any, bool]:
     if typing.get_origin(tp) is Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0], len(args) < len(typing.get_args(tp))
+        rest = args[0] if len(args) == 1 else Union[tuple(args)]
+        return rest, len(args) < len(typing.get_args(tp))
     return tp, False
+
+
+class _Mismatch(Exception):
+    """A value that does not convert to a type; the message says what was expected."""
 
 
 def _convert(raw: Raw, tp, key: str, flag: str):
     """Text (or a YAML list) to the declared type; `flag` is how the key is written in messages."""
     base, optional = _unwrap_optional(tp)
     value = raw.value
-
-    def bad(expected: str):
-        if value is None:
-            shown = "no value" if raw.where == "command line" else "null"
-        else:
-            shown = "a list" if isinstance(value, list) else repr(value)
-        return UserError(f"{raw.where}: {flag}: expected {expected}, got {shown}")
-
     if value is None and raw.where == "command line" and base is bool:
         return True  # `--train.offload` alone means true
-    if value is None:
+    if value is None or (optional and not raw.quoted and isinstance(value, str) and value.lower() in _NULL_WORDS):
         if optional:
             return None
-        raise bad(_type_name(base))
-    if optional and not raw.quoted and isinstance(value, str) and value.lower() in _NULL_WORDS:
-        return None
-    if typing.get_origin(base) is list:
+        raise _bad(raw, type_name(base), flag)
+    try:
+        return _convert_value(raw, base, key, flag)
+    except _Mismatch as mismatch:
+        raise _bad(raw, str(mismatch), flag) from None
+
+
+def _bad(raw: Raw, expected: str, flag: str) -> UserError:
+    value = raw.value
+    if value is None:
+        shown = "no value" if raw.where == "command line" else "null"
+    else:
+        shown = "a list" if isinstance(value, list) else repr(value)
+    return UserError(f"{raw.where}: {flag}: expected {expected}, got {shown}")
+
+
+def _convert_value(raw: Raw, base, key: str, flag: str):
+    value = raw.value
+    origin = typing.get_origin(base)
+    if origin is list:
         (item_type,) = typing.get_args(base)
         items = value if isinstance(value, list) else [
             Raw(part.strip(), raw.where) for part in value.strip().strip("[]").split(",") if part.strip()]
         return [_convert(item, item_type, key, flag) for item in items]
     if isinstance(value, list):
-        raise bad(_type_name(base))
+        raise _Mismatch(type_name(base))
+    if origin is Union:   # e.g. `dynamic` or an integer: the first alternative that takes the text
+        for alternative in typing.get_args(base):
+            try:
+                return _convert_value(raw, alternative, key, flag)
+            except _Mismatch:
+                continue
+        raise _Mismatch(type_name(base))
+    if origin is Literal:
+        for choice in typing.get_args(base):
+            if value == str(choice):
+                return choice
+        raise _Mismatch(type_name(base))
+    if hasattr(base, "from_text"):
+        try:
+            return base.from_text(value)
+        except ValueError as err:
+            raise _Mismatch(str(err).removeprefix("expected ")) from None
     if base is str:
         return value
     if base is bool:
@@ -278,20 +362,20 @@ def _convert(raw: Raw, tp, key: str, flag: str):
             return True
         if value.lower() in _FALSE_WORDS:
             return False
-        raise bad("true or false")
+        raise _Mismatch("true or false")
     if base is int:
         if value.strip().lstrip("+-").isdigit():
             return int(value)
         number = _to_float(value)
         if number is not None and number.is_integer():  # `1e4` steps is a fine way to write 10000
             return int(number)
-        raise bad("an integer")
+        raise _Mismatch("an integer")
     if base is float:
         number = _to_float(value)
         if number is None:
-            raise bad("a number")
+            raise _Mismatch("a number")
         return number
-    raise TypeError(f"config field {key} has unsupported type {tp}")
+    raise TypeError(f"config field {key} has unsupported type {base}")
 
 
 def _to_float(text: str) -> float | None:
@@ -304,21 +388,31 @@ def _to_float(text: str) -> float | None:
         return None
 
 
-def _type_name(tp) -> str:
-    if typing.get_origin(tp) is list:
+def type_name(tp) -> str:
+    """How a type is written in messages and help: `a number`, `one of constant, linear, cosine`, ..."""
+    base, optional = _unwrap_optional(tp)
+    if optional:
+        return f"{type_name(base)} or null"
+    origin = typing.get_origin(base)
+    if origin is list:
         return "a list"
-    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}[tp]
+    if origin is Literal:
+        choices = typing.get_args(base)
+        return repr(choices[0]) if len(choices) == 1 else "one of " + ", ".join(str(c) for c in choices)
+    if origin is Union:
+        return " or ".join(type_name(a) for a in typing.get_args(base))
+    if hasattr(base, "from_text"):
+        return getattr(base, "DESCRIPTION", base.__name__)
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}[base]
 
 
 def _validate_value(value, f: dataclasses.Field, raw: Raw, flag: str) -> None:
     meta = f.metadata
     if value is None:
         return
-    if meta.get("choices") is not None and value not in meta["choices"]:
-        options = ", ".join(str(c) for c in meta["choices"])
-        raise UserError(f"{raw.where}: {flag}: {value!r} is not one of {options}")
-    if meta.get("minimum") is not None and value < meta["minimum"]:
-        raise UserError(f"{raw.where}: {flag}: must be at least {meta['minimum']}, got {value}")
+    minimum = meta.get("minimum")
+    if minimum is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and value < minimum:
+        raise UserError(f"{raw.where}: {flag}: must be at least {minimum}, got {value}")
     if meta.get("check") is not None:
         problem = meta["check"](value)
         if problem:
@@ -358,39 +452,52 @@ def _first_where(tree) -> str:
     return "config"
 
 
-def _unknown(dotted: str, value, valid: list[str], prefix: str) -> UserError:
+def _unknown(dotted: str, value, valid: list[str], prefix: str, root_cls) -> UserError:
     """An unknown-key error suggesting the closest key at that level, or a same-named key elsewhere."""
     flag = _flag(dotted, value)
     hint = difflib.get_close_matches(dotted, [prefix + v for v in valid], n=1, cutoff=0.6)
     if not hint:  # e.g. `lr` at the top level: point at `train.lr`
         base = ".".join(dotted.split(".")[:2]) + "." if dotted.startswith("stages.") else ""
         name = dotted.rsplit(".", 1)[-1]
-        hint = [base + k for k in _all_keys(StageConfig) if k.rsplit(".", 1)[-1] == name and k != "stage"]
+        hint = [base + k for k in _all_keys(root_cls) if k.rsplit(".", 1)[-1] == name and k != "stage"]
     suggestion = f"; did you mean '{_flag(hint[0], value)}'?" if hint else ""
     return UserError(f"{_first_where(value)}: unknown key '{flag}'{suggestion}")
 
 
-def _build(cls, tree: dict, prefix: str, **fixed):
+def _build(cls, tree: dict, prefix: str, root_cls=None, **fixed):
     """Instantiate `cls` from a raw tree: defaults for absent keys, converted and validated values."""
+    root_cls = root_cls or cls
     fields = _fields(cls)
     kwargs = dict(fixed)
     for name, value in tree.items():
         dotted = prefix + name
         if name not in fields or name in fixed:
-            raise _unknown(dotted, value, [n for n in fields if n not in fixed], prefix)
+            raise _unknown(dotted, value, [n for n in fields if n not in fixed], prefix, root_cls)
         f, tp = fields[name]
         if dataclasses.is_dataclass(tp):
             if isinstance(value, Raw) and value.value is None:
                 value = {}  # `train:` with nothing under it
             if not isinstance(value, dict):
                 raise UserError(f"{value.where}: {_flag(dotted, value)}: expected a section (a mapping of keys)")
-            kwargs[name] = _build(tp, value, dotted + ".")
+            kwargs[name] = _build(tp, value, dotted + ".", root_cls)
         else:
             if isinstance(value, dict):
                 raise UserError(f"{_first_where(value)}: {_flag(dotted, value)}: expected a value, not a section")
             kwargs[name] = _convert(value, tp, dotted, _flag(dotted, value))
             _validate_value(kwargs[name], f, value, _flag(dotted, value))
     return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# A recipe's layers, and what of them belongs to one stage.
+
+
+def _as_mapping(value, key: str) -> dict:
+    if isinstance(value, Raw) and value.value is None:
+        return {}
+    if isinstance(value, Raw):
+        raise UserError(f"{value.where}: {key}: expected a mapping")
+    return dict(value)
 
 
 def _split_stages(tree: dict) -> tuple[dict, dict]:
@@ -402,9 +509,10 @@ def _split_stages(tree: dict) -> tuple[dict, dict]:
     if isinstance(stages, Raw):
         raise UserError(f"{stages.where}: stages: expected a mapping of stage name -> sections")
     stages = dict(stages)
+    names = registry.stage_names()
     for name, sections in stages.items():
-        if name not in STAGES:
-            raise _unknown(f"stages.{name}", sections, list(STAGES), "stages.")
+        if name not in names:
+            raise _unknown(f"stages.{name}", sections, names, "stages.", StageConfig)
         if isinstance(sections, Raw) and sections.value is None:
             stages[name] = {}
         elif not isinstance(sections, dict):
@@ -426,6 +534,63 @@ def _check_stage_key(tree: dict, stage: str) -> dict:
     return tree
 
 
+def _method_sections() -> dict[str, type]:
+    return {m.name: m.section for m in registry.methods() if m.section is not None}
+
+
+def _only_for(tree: dict, stage: str) -> dict:
+    """The part of a shared layer that stage `stage` reads, after checking the rest: the other methods'
+    sections (each against its own class), `methods:` and the input roles of other stages."""
+    spec = registry.get_stage(stage)
+    tree = dict(tree)
+    if "method" in tree:
+        sections = ", ".join(f"{name}:" for name in _method_sections())
+        raise UserError(f"{_first_where(tree['method'])}: the 'method:' section is now named after its method "
+                        f"({sections}); rename it")
+    _parse_methods(tree.pop("methods", None))
+    for name, cls in _method_sections().items():
+        if name in tree and name != spec.method:
+            _build(cls, _as_mapping(tree.pop(name), name), f"{name}.")
+    if "inputs" in tree:
+        roles = {role for other in registry.stages() for role in other.reads}
+        inputs = _as_mapping(tree.pop("inputs"), "inputs")
+        for role, value in inputs.items():
+            if role not in roles:
+                raise _unknown(f"inputs.{role}", value, sorted(roles), "inputs.", StageConfig)
+            _build(InputConfig, _as_mapping(value, f"inputs.{role}"), f"inputs.{role}.")
+        mine = {role: value for role, value in inputs.items() if role in spec.reads}
+        if mine:
+            tree["inputs"] = mine
+    return tree
+
+
+def _parse_methods(raw) -> list[str] | None:
+    """`methods:` (a list of registered method names) or None when absent."""
+    if raw is None:
+        return None
+    if isinstance(raw, dict):
+        raise UserError(f"{_first_where(raw)}: methods: expected a list of method names")
+    names = _convert(raw, list[str], "methods", _flag("methods", raw))
+    known = registry.method_names()
+    for name in names:
+        if name not in known:
+            raise UserError(f"{raw.where}: {_flag('methods', raw)}: unknown method {name!r}; "
+                            f"registered: {', '.join(known)}")
+    if not names:
+        raise UserError(f"{raw.where}: {_flag('methods', raw)}: name at least one method")
+    return names
+
+
+def _layers(recipe_path: str | None, overrides: list[str] | None) -> tuple[list[dict], str | None]:
+    """The raw trees of the recipe and the command line, in merge order, and the recipe path."""
+    cli_tree, cli_recipe = _parse_overrides(list(overrides or []))
+    if cli_recipe and recipe_path and Path(cli_recipe) != Path(recipe_path):
+        raise UserError(f"two recipes given: {recipe_path} and --config {cli_recipe}")
+    recipe_path = cli_recipe or recipe_path
+    file_tree = _read_yaml(recipe_path) if recipe_path else {}
+    return [file_tree, cli_tree], recipe_path
+
+
 def _check_consistency(config: StageConfig) -> None:
     train = config.train
     if train.offload and train.zero_stage < 2:
@@ -437,28 +602,55 @@ def _check_consistency(config: StageConfig) -> None:
 
 def load_stage_config(stage: str, recipe_path: str | None = None, overrides: list[str] | None = None) -> StageConfig:
     """The config of one stage: defaults <- recipe <- recipe stages[stage] <- command line."""
-    if stage not in STAGES:
-        hint = difflib.get_close_matches(stage, STAGES, n=1)
-        suggestion = f"; did you mean '{hint[0]}'?" if hint else ""
-        raise UserError(f"unknown stage '{stage}' (stages: {', '.join(STAGES)}){suggestion}")
-    cli_tree, cli_recipe = _parse_overrides(list(overrides or []))
-    if cli_recipe and recipe_path and Path(cli_recipe) != Path(recipe_path):
-        raise UserError(f"two recipes given: {recipe_path} and --config {cli_recipe}")
-    recipe_path = cli_recipe or recipe_path
-    file_tree = _read_yaml(recipe_path) if recipe_path else {}
-
+    cls = config_class(registry.get_stage(stage).name)
+    trees, _ = _layers(recipe_path, overrides)
     layers = []
-    for tree in (file_tree, cli_tree):
+    for tree in trees:
         shared, stages = _split_stages(_check_stage_key(tree, stage))
         for name, sections in stages.items():  # validate every stage's overrides, not only this one's
-            _build(StageConfig, sections, f"stages.{name}.", stage=name)
-        layers += [shared, stages.get(stage, {})]
+            _build(config_class(name), sections, f"stages.{name}.", stage=name)
+        layers += [_only_for(shared, stage), stages.get(stage, {})]
     merged: dict = {}
     for layer in layers:
         merged = _merge(merged, layer)
-    config = _build(StageConfig, merged, "", stage=stage)
+    config = _build(cls, merged, "", stage=stage)
     _check_consistency(config)
     return config
+
+
+def load_methods(recipe_path: str | None = None, overrides: list[str] | None = None) -> list[str]:
+    """The methods a run trains: `methods:` from the command line, else the recipe, else the default
+    ones (`Method.default`)."""
+    chosen = None
+    for tree in _layers(recipe_path, overrides)[0]:
+        chosen = _parse_methods(tree.get("methods")) or chosen
+    return chosen or [m.name for m in registry.methods() if m.default]
+
+
+# --------------------------------------------------------------------------------------------------
+# Resolved configs: the record of a run.
+
+
+def _upgrade_legacy(tree: dict, stage: str) -> dict:
+    """A resolved config written before methods had their own sections: `method:` becomes the stage's
+    method section (`delta: first_column` is 0), `<role>_dir` becomes `inputs.<role>.dir`."""
+    spec = registry.get_stage(stage)
+    tree = dict(tree)
+    legacy = tree.pop("method", None)
+    method = registry.get_method(spec.method)
+    if isinstance(legacy, dict) and method.section is not None and method.name not in tree:
+        legacy = dict(legacy)
+        delta = legacy.get("delta")
+        if isinstance(delta, Raw) and delta.value == "first_column":
+            legacy["delta"] = Raw("0", delta.where)
+        known = {f.name for f in dataclasses.fields(method.section)}
+        tree[method.name] = {key: value for key, value in legacy.items() if key in known}
+    for key in [k for k in tree if k.endswith("_dir") and k != "run_dir"]:
+        value = tree.pop(key)
+        role = key[:-len("_dir")]
+        if role in spec.reads and isinstance(value, Raw) and value.value is not None:
+            tree.setdefault("inputs", {}).setdefault(role, {})["dir"] = value
+    return tree
 
 
 def load_resolved(path: str) -> StageConfig:
@@ -467,11 +659,22 @@ def load_resolved(path: str) -> StageConfig:
     stage = tree.get("stage")
     if not isinstance(stage, Raw) or not isinstance(stage.value, str):
         raise UserError(f"{path}: not a resolved stage config (no 'stage:' key)")
-    return load_stage_config(stage.value, path, [])
+    tree = _upgrade_legacy(tree, stage.value)
+    config = _build(config_class(registry.get_stage(stage.value).name), _check_stage_key(tree, stage.value), "",
+                    stage=stage.value)
+    _check_consistency(config)
+    return config
 
 
 def config_to_dict(config) -> dict:
-    return dataclasses.asdict(config)
+    """Nested plain data (what `save_resolved` writes): typed values such as export choices as text."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: config_to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, list):
+        return [config_to_dict(item) for item in config]
+    if isinstance(config, ExportChoice):
+        return str(config)
+    return config
 
 
 class _Dumper(yaml.SafeDumper):
@@ -486,12 +689,57 @@ def _represent_str(dumper: yaml.SafeDumper, text: str):
 _Dumper.add_representer(str, _represent_str)
 
 
+def dump_config(config) -> str:
+    return yaml.dump(config_to_dict(config), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+
+
 def save_resolved(config: StageConfig, path: str | Path) -> None:
     """Write the full resolved config: the record of the run, loadable with `load_resolved`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.dump(config_to_dict(config), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
-    path.write_text(text, encoding="utf-8")
+    path.write_text(dump_config(config), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------------
+# Help: every key of a stage with its type, default and meaning.
+
+
+def describe_keys(cls, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, help) of every value a config class holds, sections expanded."""
+    rows = []
+    defaults = cls(stage="") if cls is StageConfig or issubclass(cls, StageConfig) else cls()
+    for name, (f, tp) in _fields(cls).items():
+        if name == "stage":
+            continue
+        if dataclasses.is_dataclass(tp):
+            rows.extend(describe_keys(tp, f"{prefix}{name}."))
+            continue
+        default = config_to_dict(getattr(defaults, name))
+        shown = ("null" if default is None else str(default).lower() if isinstance(default, bool)
+                 else ",".join(map(str, default)) if isinstance(default, list) else str(default))
+        rows.append((prefix + name, type_name(tp), shown, f.metadata.get("help", "")))
+    return rows
+
+
+def config_help(stage: str) -> str:
+    """The `icot train STAGE --help` text."""
+    spec = registry.get_stage(stage)
+    method = registry.get_method(spec.method)
+    lines = [f"icot train {stage}: {spec.title}",
+             f"  method: {method.title}" + (" (shared by every method)" if method.shared else ""),
+             f"  reads: {', '.join(f'{source} (as {role})' for role, source in spec.reads.items()) or 'nothing'}",
+             f"  writes: <run_dir>/{stage}/" + (f"; evaluated as mode '{spec.mode.name}'" if spec.mode else ""),
+             "",
+             f"usage: icot train {stage} --config RECIPE [--key=value ...]",
+             f"  A key applies to every stage; --stages.{stage}.<key> (or stages: {stage}: in the recipe) to this",
+             "  stage only. `icot config --config RECIPE` prints every stage's resolved config.",
+             ""]
+    import textwrap
+
+    for key, kind, default, text in describe_keys(config_class(stage)):
+        lines.append(f"  {key}: {kind}, default {default}")
+        lines.extend(textwrap.wrap(text, 96, initial_indent="      ", subsequent_indent="      "))
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,12 +1,14 @@
 """The one object that owns DeepSpeed: configs, engines, steps, checkpoints, collectives.
 
 Trainers build models and losses; everything DeepSpeed-specific goes through `Strategy` (the role
-OpenRLHF gives its strategy). DeepSpeed is imported inside functions, so the pure parts (filling a
+OpenRLHF gives its strategy). DeepSpeed is imported inside functions, so the pure parts (building a
 config, the LR schedule) import and test without it.
 
-DeepSpeed configs are small JSON templates in `ds_configs/` without batch sizes, optimizer or
-precision: `build_ds_config` fills those from `TrainConfig` and the world size, and refuses to leave any
-`"auto"` behind (plain DeepSpeed, unlike the Hugging Face Trainer, never fills them).
+The DeepSpeed config is built in code by one function, `build_ds_config`, from the typed `train:`
+section and the world size; every key is visible there. A user's own file (`train.ds_config`, e.g. one of
+the examples in `ds_configs/`) is the starting point when given: its other keys pass through, a key icot
+owns may be left out or say `"auto"` but may not disagree, and no `"auto"` may be left (plain DeepSpeed,
+unlike the Hugging Face Trainer, never fills them).
 """
 
 from __future__ import annotations
@@ -26,49 +28,27 @@ import torch
 from icot.config import TrainConfig
 from icot.errors import UserError
 
-TEMPLATE_DIR = Path(__file__).resolve().parent / "ds_configs"  # a link to the top-level ds_configs/
 STEPS_PER_PRINT = 1_000_000_000  # DeepSpeed's own step log is noise; the training loop logs
 CLIENT_KEY = "icot_client_state"
 _FINAL_SYNC: list[torch.Tensor] = []  # see Strategy.shutdown
+CPU_OFFLOAD = {"device": "cpu", "pin_memory": True}
 
 
 # --------------------------------------------------------------------------------------------------
-# DeepSpeed config: template + TrainConfig + world size -> the resolved dict saved as ds_config.json.
-
-
-def template_path(train: TrainConfig, frozen: bool = False) -> Path:
-    """The template for a trainable engine (or a frozen one: ZeRO-3 only when training uses ZeRO-3)."""
-    if frozen:
-        return TEMPLATE_DIR / ("frozen_zero3.json" if train.zero_stage == 3 else "frozen_zero0.json")
-    if train.ds_config:
-        return _find_template(train.ds_config)
-    if train.offload and train.zero_stage < 2:
-        raise UserError(f"train.offload needs train.zero_stage 2 or 3, got {train.zero_stage}")
-    return TEMPLATE_DIR / f"zero{train.zero_stage}{'_offload' if train.offload else ''}.json"
-
-
-def _find_template(name_or_path: str) -> Path:
-    """A path, or the name of a shipped template (`zero2` or `zero2.json`)."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    shipped = TEMPLATE_DIR / (path.name if path.suffix == ".json" else f"{path.name}.json")
-    if path.parent == Path(".") and shipped.is_file():
-        return shipped
-    names = ", ".join(sorted(p.stem for p in TEMPLATE_DIR.glob("*.json")))
-    raise UserError(f"train.ds_config: no file {name_or_path} (shipped templates: {names})")
+# DeepSpeed config: TrainConfig + world size (+ a user's file) -> the dict saved as ds_config.json.
 
 
 def load_template(path: str | Path) -> dict:
+    """A user's DeepSpeed JSON file (`train.ds_config`)."""
     path = Path(path)
     try:
         template = json.loads(path.read_text(encoding="utf-8"))
     except OSError as err:
-        raise UserError(f"cannot read DeepSpeed template {path}: {err.strerror}") from None
+        raise UserError(f"train.ds_config: cannot read {path}: {err.strerror}") from None
     except json.JSONDecodeError as err:
         raise UserError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
     if not isinstance(template, dict):
-        raise UserError(f"{path}: a DeepSpeed template must be a JSON object")
+        raise UserError(f"{path}: a DeepSpeed config must be a JSON object")
     return template
 
 
@@ -90,22 +70,33 @@ def batch_triple(train: TrainConfig, world_size: int) -> tuple[int, int, int]:
 
 def build_ds_config(train: TrainConfig, world_size: int, template: str | Path | dict | None = None,
                     frozen: bool = False) -> dict:
-    """Fill a template from `train`; `frozen` builds an inference config (no optimizer, no clipping)."""
+    """The DeepSpeed config of one engine. `frozen`: an engine without optimizer for a frozen model
+    (partitioned only when training uses ZeRO-3). `template` (default: the file `train.ds_config` names,
+    for trainable engines) is the starting point; see the module docstring."""
+    if template is None and train.ds_config and not frozen:
+        template = train.ds_config
     if isinstance(template, dict):
-        cfg, source = copy.deepcopy(template), "DeepSpeed template"
+        cfg, source = copy.deepcopy(template), "DeepSpeed config"
+    elif template is not None:
+        cfg, source = load_template(template), str(template)
     else:
-        path = Path(template) if template is not None else template_path(train, frozen)
-        cfg, source = load_template(path), str(path)
+        cfg, source = {}, "icot"
     if "scheduler" in cfg:
         raise UserError(f"{source}: remove 'scheduler'; the LR schedule comes from train.schedule")
+    if train.offload and train.zero_stage < 2:
+        raise UserError(f"train.offload needs train.zero_stage 2 or 3, got {train.zero_stage}")
 
     micro, accum, batch = batch_triple(train, world_size)
+    stage = (3 if train.zero_stage == 3 else 0) if frozen else train.zero_stage
     own = _Owner(cfg, source)
     own("train_batch_size", batch, "train.batch_size")
     own("train_micro_batch_size_per_gpu", micro, "train.micro_batch_size")
     own("gradient_accumulation_steps", accum, "train.batch_size / (micro batch x world size)")
-    stage = (3 if train.zero_stage == 3 else 0) if frozen else train.zero_stage
     own("zero_optimization.stage", stage, "train.zero_stage")
+    if train.offload and not frozen:   # optimizer state (and under ZeRO-3 the parameters) on the CPU
+        own.default("zero_optimization.offload_optimizer", dict(CPU_OFFLOAD))
+        if stage == 3:
+            own.default("zero_optimization.offload_param", dict(CPU_OFFLOAD))
     own("bf16.enabled", train.precision == "bf16", "train.precision")
     own("fp16.enabled", train.precision == "fp16", "train.precision")
     if not frozen:
@@ -122,7 +113,7 @@ def build_ds_config(train: TrainConfig, world_size: int, template: str | Path | 
     leftover = find_auto(cfg)
     if leftover:
         raise UserError(f"{source}: \"auto\" left at {', '.join(leftover)}; plain DeepSpeed does not fill it, "
-                        f"set a value in the template")
+                        f"set a value in the file")
     return cfg
 
 
@@ -148,7 +139,7 @@ class _Owner:
         current = node.get(leaf, "auto")
         if current != "auto" and current != value:
             raise UserError(f"{self.source}: {dotted} is {current!r} but {owner} gives {value!r}; "
-                            f"remove it from the template (or write \"auto\") and set {owner}")
+                            f"remove it from the file (or write \"auto\") and set {owner}")
         node[leaf] = value
 
     def default(self, dotted: str, value: Any) -> None:
@@ -373,6 +364,12 @@ class Strategy:
 
     def all_reduce_sum(self, values: dict[str, float]) -> dict[str, float]:
         return self._all_reduce(values, "sum")
+
+    def all_equal(self, value: float) -> bool:
+        """Whether every rank passed the same value."""
+        highest = self._all_reduce({"value": value}, "max")["value"]
+        lowest = -self._all_reduce({"value": -value}, "max")["value"]
+        return highest == lowest
 
     def any_rank(self, flag: bool) -> bool:
         """True on every rank when it is true on any (e.g. a stop signal that reached one rank)."""

@@ -1,16 +1,16 @@
-"""Evaluation of the three modes by one harness (DESIGN.md section 3).
+"""Evaluation of every mode by one harness (DESIGN.md section 3).
 
-- no_cot:   the no-CoT baseline (`<run>/no_cot/export`) answers right after the prompt;
-- explicit: the teacher (`<run>/teacher/export`) writes CoT, separator and answer;
-- implicit: the coupled emulator + student (`<run>/coupling/export/{emulator,student}`): one emulator
-            pass over the prompt, then the student's greedy decoding with the states injected.
+A mode is declared by the stage whose export it evaluates (`icot.registry`): `no_cot` (the no-CoT
+baseline), `explicit` (the teacher writes CoT, separator and answer), each method's own (ICoT-KD's
+`implicit`: one emulator pass over the prompt, then the student's greedy decoding with the states
+injected), and any plug-in's. Its `ModeModel` subclass loads the export and decodes.
 
 Measured on a data file (`INPUT||COT #### ANSWER` lines, through `load_examples` + `tokenize_dataset`):
 
 - accuracy: exact match of the answer after `####`, commas removed (`answers_match`);
 - token accuracy: teacher-forced greedy next-token accuracy on the labelled tokens (everything after the
-  first separator) of the view the mode generates: with-CoT for explicit, without-CoT for no_cot and
-  implicit (the implicit forward is the coupled model's: emulator states injected into the student);
+  first separator) of the view the mode generates (the mode's declared view: with-CoT for explicit,
+  without-CoT for the others), through the mode's own forward (`ModeModel.logits`);
 - throughput: examples per second over the whole evaluated set, at batch size 1 (the paper's protocol)
   and batched. Only decoding is timed (the generate calls, which for implicit include the emulator pass),
   after one untimed warm-up batch; batches are collated before the clock starts. The CPU time of the
@@ -33,25 +33,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from icot.data.reader import normalize_answer
+from icot import registry
+from icot.data.collate import IGNORE_INDEX, rank_batches
+from icot.data.reader import ANSWER_MARKER, normalize_answer
 from icot.errors import UserError
 
-ANSWER_MARKER = "####"
-MODES = ("no_cot", "explicit", "implicit")
-STAGE_OF_MODE = {"no_cot": "no_cot", "explicit": "teacher", "implicit": "coupling"}
-VIEW_OF_MODE = {"no_cot": "nocot", "explicit": "cot", "implicit": "nocot"}
 MAX_NEW_TOKENS_MARGIN = 4
 DEFAULT_BATCH_SIZE = 32
-IGNORE_INDEX = -100
 
 
 def generated_answer(tokenizer, ids: list[int]) -> str | None:
@@ -70,97 +66,100 @@ def answers_match(tokenizer, ids: list[int], reference: str) -> bool:
 # What is evaluated: a mode, its model and tokenizer.
 
 
-@dataclass
 class ModeModel:
-    """A loaded model of one mode: a decoder (no_cot, explicit) or a CoupledModel (implicit)."""
+    """A loaded model of one mode: what `icot eval` decodes and teacher-forces. Each mode's subclass
+    (named in its registry declaration) says what its export holds and how it decodes."""
 
-    mode: str
-    model: torch.nn.Module
-    tokenizer: object
-    separator_id: int
-    folder: Path | None = None
+    def __init__(self, mode: str, model: torch.nn.Module, tokenizer, folder: Path | None = None):
+        self.mode = mode
+        self.spec, self.stage = registry.get_mode(mode)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.separator_id = tokenizer.eos_token_id
+        self.folder = folder
 
     @property
     def view(self) -> str:
-        return VIEW_OF_MODE[self.mode]
+        return self.spec.view
 
     @property
     def decoder(self) -> torch.nn.Module:
-        """The decoder that generates (the student's for implicit)."""
-        return self.model.student.decoder if self.mode == "implicit" else self.model
+        """The decoder that generates (its positions bound the generated length)."""
+        return self.model
+
+    @classmethod
+    def holds(cls, folder: Path) -> bool:
+        """Whether `folder` is an export this mode loads."""
+        raise NotImplementedError
+
+    @classmethod
+    def load(cls, folder: Path) -> tuple[torch.nn.Module, object]:
+        """(the model, its tokenizer) from an export folder."""
+        raise NotImplementedError
+
+    @classmethod
+    def random_model(cls, random_decoder: Callable[[int], torch.nn.Module]) -> torch.nn.Module:
+        """A model of this mode built from randomly initialised decoders (`random_decoder(seed)`), in
+        inference form, for `icot bench`."""
+        raise NotImplementedError
 
     def generate(self, batch: dict[str, torch.Tensor], max_new_tokens: int, synced: bool = False) -> list[list[int]]:
         """Greedy continuations of a left-padded prompt batch (`collate_generate`)."""
-        from icot.models.generation import generate_explicit, generate_implicit, generate_no_cot
-
-        decode = {"no_cot": generate_no_cot, "explicit": generate_explicit, "implicit": generate_implicit}[self.mode]
-        return decode(self.model, batch, self.separator_id, max_new_tokens, synced)
+        raise NotImplementedError
 
     @torch.no_grad()
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Teacher-forced logits on a right-padded training batch of the mode's view (`collate_train`)."""
-        if self.mode == "implicit":
-            return self.model(batch["input_ids"], batch["attention_mask"], batch["first_sep"]).logits
         return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
-def check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise UserError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-    return mode
+class DecoderModel(ModeModel):
+    """A mode whose export is one plain Hugging Face decoder."""
+
+    @classmethod
+    def holds(cls, folder: Path) -> bool:
+        return (folder / "config.json").is_file()
+
+    @classmethod
+    def load(cls, folder: Path):
+        from icot.data.tokenizer_build import load_tokenizer
+        from icot.models.io import load_component
+
+        return load_component(folder, expect="decoder"), load_tokenizer(folder, "the export")
+
+    @classmethod
+    def random_model(cls, random_decoder):
+        return random_decoder(0)
 
 
-def _holds_mode(mode: str, folder: Path) -> bool:
-    if mode == "implicit":
-        return (folder / "emulator").is_dir() and (folder / "student").is_dir()
-    return (folder / "config.json").is_file()
+def mode_class(mode: str) -> type[ModeModel]:
+    spec, _ = registry.get_mode(mode)
+    return registry.load_object(spec.model)
 
 
 def resolve_mode_folder(mode: str, path: str | os.PathLike) -> Path:
     """The export folder of `mode` in `path`: a run folder (`<path>/<stage>/export`), a stage folder
     (`<path>/export`) or the export folder itself."""
-    check_mode(mode)
+    _, stage = registry.get_mode(mode)
+    cls = mode_class(mode)
     path = Path(path)
-    stage = STAGE_OF_MODE[mode]
-    candidates = (path / stage / "export", path / "export", path)
+    candidates = (path / stage.name / "export", path / "export", path)
     for folder in candidates:
-        if _holds_mode(mode, folder):
+        if cls.holds(folder):
             return folder
-    what = "emulator/ and student/ folders" if mode == "implicit" else "a model (config.json)"
     if not path.exists():
         raise UserError(f"{path}: no such folder")
-    raise UserError(f"{path}: no {mode} model: looked for {what} in {candidates[0]} (a run folder), "
-                    f"{candidates[1]} (a stage folder) and {path}; train the {stage} stage first")
-
-
-def load_tokenizer(folder: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise UserError(f"{folder}: cannot load a tokenizer from it ({str(err).splitlines()[0]})") from None
-    if tokenizer.eos_token_id is None:
-        raise UserError(f"{folder}: the tokenizer has no EOS token, which icot uses as the separator")
-    return tokenizer
+    raise UserError(f"{path}: no {mode} model: looked in {candidates[0]} (a run folder), {candidates[1]} "
+                    f"(a stage folder) and {path}; train the {stage.name} stage first")
 
 
 def load_mode_model(mode: str, folder: str | os.PathLike, device: torch.device | str = "cpu") -> ModeModel:
     """The model and tokenizer of `mode` from its export folder (see `resolve_mode_folder`)."""
-    from icot.models.coupled import CoupledModel
-    from icot.models.io import load_component
-
     folder = resolve_mode_folder(mode, folder)
-    if mode == "implicit":
-        emulator = load_component(folder / "emulator", expect="emulator").for_inference()
-        student = load_component(folder / "student", expect="student")
-        model = CoupledModel(emulator, student)
-        tokenizer = load_tokenizer(folder / "student")
-    else:
-        model = load_component(folder, expect="decoder")
-        tokenizer = load_tokenizer(folder)
+    cls = mode_class(mode)
+    model, tokenizer = cls.load(folder)
     model.to(device).eval()
-    return ModeModel(mode, model, tokenizer, tokenizer.eos_token_id, folder)
+    return cls(mode, model, tokenizer, folder)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -186,9 +185,9 @@ def continuation_length(feature: dict, view: str) -> int:
     return len(feature[f"{view}_ids"]) - int(feature["prompt_len"])
 
 
-def default_max_new_tokens(features: Sequence[dict], mode: str) -> int:
-    """The longest reference continuation of the mode's view, plus MAX_NEW_TOKENS_MARGIN."""
-    return max(continuation_length(f, VIEW_OF_MODE[mode]) for f in features) + MAX_NEW_TOKENS_MARGIN
+def default_max_new_tokens(features: Sequence[dict], view: str) -> int:
+    """The longest reference continuation of a view, plus MAX_NEW_TOKENS_MARGIN."""
+    return max(continuation_length(f, view) for f in features) + MAX_NEW_TOKENS_MARGIN
 
 
 def position_limit(decoder: torch.nn.Module) -> int | None:
@@ -207,16 +206,6 @@ def fit_positions(decoder: torch.nn.Module, features: Sequence[dict], max_new_to
         raise UserError(f"the longest prompt ({longest} tokens) plus max_new_tokens={max_new_tokens} exceeds "
                         f"the model's {limit} positions; lower --max_new_tokens or leave out the longest examples")
     return limit - longest
-
-
-def shard_batches(num_examples: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
-    """This rank's batches of example indices (rank r holds r, r + world, ...). Every rank gets the same
-    number of batches; an empty list is a padding batch, run for the collectives and then dropped."""
-    if batch_size < 1:
-        raise UserError(f"batch size must be at least 1, got {batch_size}")
-    mine = list(range(rank, num_examples, world_size))
-    count = math.ceil(math.ceil(num_examples / world_size) / batch_size)
-    return [mine[b * batch_size:(b + 1) * batch_size] for b in range(count)]
 
 
 class _Ranks:
@@ -266,7 +255,7 @@ def decode_pass(mode_model: ModeModel, features: Sequence[dict], batch_size: int
 
     ranks = ranks or _Ranks()
     batches = []
-    for rows in shard_batches(len(features), batch_size, ranks.rank, ranks.world_size):
+    for rows in rank_batches(len(features), batch_size, ranks.rank, ranks.world_size):
         chosen = [features[i] for i in (rows or [0])]
         batches.append((rows, to_device(collate_generate(chosen, mode_model.separator_id), device)))
     if warmup and batches:
@@ -290,7 +279,7 @@ def token_counts(mode_model: ModeModel, features: Sequence[dict], batch_size: in
 
     ranks = ranks or _Ranks()
     correct = labelled = 0
-    for rows in shard_batches(len(features), batch_size, ranks.rank, ranks.world_size):
+    for rows in rank_batches(len(features), batch_size, ranks.rank, ranks.world_size):
         chosen = [features[i] for i in (rows or [0])]
         batch = to_device(collate_train(chosen, mode_model.view, mode_model.separator_id), device)
         predicted = mode_model.logits(batch)[:, :-1].argmax(dim=-1)
@@ -325,7 +314,7 @@ def evaluate_loaded(mode_model: ModeModel, features: Sequence[dict],
         raise UserError(f"batch sizes must be at least 1, got {list(batch_sizes)}")
     given = max_new_tokens is not None
     if max_new_tokens is None:
-        max_new_tokens = default_max_new_tokens(features, mode_model.mode)
+        max_new_tokens = default_max_new_tokens(features, mode_model.view)
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     wanted = max_new_tokens
@@ -401,7 +390,7 @@ def evaluate_mode(mode: str, folder_or_run: str | os.PathLike, data_path: str | 
     and `predictions` (normalised answer or None per example, in file order) if asked for.
     """
     started = time.perf_counter()
-    check_mode(mode)
+    registry.get_mode(mode)
     if not Path(data_path).is_file():
         raise UserError(f"{data_path}: no such data file")
     device = _default_device(strategy)
@@ -427,7 +416,9 @@ class _Parser(argparse.ArgumentParser):
 
 def eval_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="icot eval", description="Accuracy, token accuracy and throughput of one mode.")
-    parser.add_argument("--mode", required=True, choices=MODES)
+    parser.add_argument("--mode", required=True, choices=registry.mode_names(),
+                        help="the mode to evaluate (each reads the export of the stage that serves it: " +
+                             ", ".join(f"{m.name} <- {registry.get_mode(m.name)[1].name}" for m in registry.modes()) + ")")
     parser.add_argument("--data", required=True, help="a data file of INPUT||COT #### ANSWER lines")
     parser.add_argument("--run_dir", help="a run folder: the mode's stage export is read from it")
     parser.add_argument("--model", help="an export (or stage) folder; overrides --run_dir")
@@ -482,10 +473,11 @@ def evaluate_cli(overrides: list[str]) -> None:
     if args.model is not None:
         folder = resolve_mode_folder(args.mode, args.model)
     else:
-        folder = Path(args.run_dir) / STAGE_OF_MODE[args.mode] / "export"
-        if not _holds_mode(args.mode, folder):
-            raise UserError(f"{folder}: no {args.mode} export; train the {STAGE_OF_MODE[args.mode]} stage first "
-                            f"(icot train {STAGE_OF_MODE[args.mode]}) or pass --model")
+        stage = registry.get_mode(args.mode)[1].name
+        folder = Path(args.run_dir) / stage / "export"
+        if not mode_class(args.mode).holds(folder):
+            raise UserError(f"{folder}: no {args.mode} export; train the {stage} stage first "
+                            f"(icot train {stage}) or pass --model")
     if not Path(args.data).is_file():
         raise UserError(f"--data: {args.data}: no such data file")
     sizes = (args.batch_size,) if args.skip_batch1 else (1, args.batch_size)

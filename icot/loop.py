@@ -1,12 +1,15 @@
 """The one training loop, shared by every stage.
 
-Read top to bottom: set up (data order, engine, resume), then for every optimizer step: micro
-batches with accumulation, one all-reduced log record, validation, checkpoint, stop on a signal.
-Every collective (metrics, checkpoints, validation) runs on all ranks at the same step.
+Read top to bottom: set up (data order, engine, resume), then for every optimizer step: the stage's
+step hook (its schedule), micro batches with accumulation, one all-reduced log record, validation,
+intermediate exports, checkpoint, stop on a signal. Every collective (metrics, checkpoints,
+validation, exports) runs on all ranks at the same step. A checkpoint holds the model, optimizer, LR
+schedule, data position, RNG and the stage's schedule state, so a resumed run continues bitwise.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import random
@@ -20,9 +23,10 @@ import numpy as np
 import torch
 
 from icot.config import Paths, StageConfig
-from icot.data.collate import examples_at
+from icot.data.collate import examples_at, rank_batches
 from icot.errors import UserError
-from icot.stages.base import Stage
+from icot.exports import INTERMEDIATE_FOLDER, intermediate_name, record_export
+from icot.stage import Stage
 
 CHECKPOINT_PREFIX = "step"
 
@@ -109,6 +113,7 @@ class Trainer:
         self.micro = strategy.micro_batch_size
         self.accumulation = strategy.gradient_accumulation
         self.progress = Progress()
+        self.last_validation: dict[str, float] | None = None
         self.writer = None
         self._epoch_order: tuple[int, np.ndarray] | None = None   # (epoch, batch_order): one permutation per epoch
 
@@ -139,6 +144,7 @@ class Trainer:
             return False
         client_state = self.strategy.load_checkpoint(self.engine, folder, tag)
         self.progress = Progress(**client_state["progress"])
+        self.stage.load_state_dict(client_state.get("stage", {}))
         set_rng_state(torch.load(folder / tag / f"rng_rank{self.strategy.rank}.pt", weights_only=False))
         self.log(f"resumed from {folder / tag} at step {self.progress.step}")
         return True
@@ -166,8 +172,11 @@ class Trainer:
                     self.write_scalars("train", record, step)
                     self.log(f"step {step}/{self.steps} " + " ".join(f"{k} {v:.4g}" for k, v in record.items()))
                     window_start, window_tokens = time.perf_counter(), 0
+                validation = None
                 if self.train_cfg.eval_every and step % self.train_cfg.eval_every == 0 and step < self.steps:
-                    self.validate(step)
+                    validation = self.validate(step)
+                if self.export_due(step) and step < self.steps:
+                    self.export_intermediate(step, validation if validation is not None else self.validate(step))
                 saved = self.train_cfg.save_every and step % self.train_cfg.save_every == 0 and step < self.steps
                 if saved:
                     self.save_checkpoint()
@@ -184,6 +193,7 @@ class Trainer:
     def optimizer_step(self) -> tuple[dict[str, float], int]:
         """One optimizer step over this rank's micro batches; returns the all-reduced record."""
         step = self.progress.step
+        schedule = self.stage.on_step(step, step // self.steps_per_epoch)
         indices = micro_batch_indices(self.epoch_order(step)[step % self.steps_per_epoch], self.micro,
                                       self.accumulation, self.strategy.world_size, self.strategy.rank)
         sums: dict[str, float] = {}
@@ -203,6 +213,7 @@ class Trainer:
             raise TrainingDiverged(f"{self.stage.name}: loss is {record['loss']} at step {step + 1}; "
                                    f"stopping (lower train.lr or enable train.grad_clip)")
         record["lr"] = lr
+        record.update(schedule)
         if info.grad_norm is not None:
             record["grad_norm"] = float(info.grad_norm)
         self.progress.step += 1
@@ -231,15 +242,10 @@ class Trainer:
         model.eval()
         rank, world = self.strategy.rank, self.strategy.world_size
         sums = {"loss": 0.0, "examples": 0.0, "correct_tokens": 0.0, "label_tokens": 0.0}
-        micro = self.micro
-        shard = list(range(rank, len(self.valid_set), world))
         # Every rank runs the same number of batches (collectives under ZeRO-3 need it): a rank whose
         # shard is exhausted runs a padding batch that counts for nothing.
-        batches = math.ceil(math.ceil(len(self.valid_set) / world) / micro)
-        for b in range(batches):
-            rows = shard[b * micro:(b + 1) * micro]
-            features = examples_at(self.valid_set, rows or shard[:1] or [0])
-            metrics = self.stage.loss(model, self.stage.collate(features))
+        for rows in rank_batches(len(self.valid_set), self.micro, rank, world):
+            metrics = self.stage.loss(model, self.stage.collate(examples_at(self.valid_set, rows or [0])))
             if rows:  # the loss weighted by examples: the same mean for any split into batches and ranks
                 sums["loss"] += len(rows) * float(metrics["loss"])
                 sums["examples"] += len(rows)
@@ -248,12 +254,9 @@ class Trainer:
                     sums["label_tokens"] += float(metrics["label_tokens"])
         sums["exact"], sums["generated"] = 0.0, 0.0
         if self.train_cfg.eval_examples and self.stage.generation_target is not None:
-            subset = list(range(min(self.train_cfg.eval_examples, len(self.valid_set))))
-            mine = subset[rank::world]
-            rounds = math.ceil(math.ceil(len(subset) / world) / micro)
-            for b in range(rounds):
-                rows = mine[b * micro:(b + 1) * micro]
-                features = examples_at(self.valid_set, rows or subset[:1])
+            decoded = min(self.train_cfg.eval_examples, len(self.valid_set))
+            for rows in rank_batches(decoded, self.micro, rank, world):
+                features = examples_at(self.valid_set, rows or [0])
                 generated = self.stage.generate(model, features, synced=world > 1)
                 if rows:
                     sums["exact"] += sum(answers_match(self.stage.tokenizer, ids, f["answer"])
@@ -276,7 +279,10 @@ class Trainer:
         """On all ranks (DeepSpeed's save is a collective); keeps the last train.keep_last."""
         tag = f"{CHECKPOINT_PREFIX}{self.progress.step:08d}"
         folder = self.paths.ckpt
-        self.strategy.save_checkpoint(self.engine, folder, tag, client_state={"progress": asdict(self.progress)})
+        stage_state = self.stage.state_dict()
+        self.check_same_on_every_rank(stage_state)
+        self.strategy.save_checkpoint(self.engine, folder, tag,
+                                      client_state={"progress": asdict(self.progress), "stage": stage_state})
         (folder / tag).mkdir(parents=True, exist_ok=True)
         torch.save(rng_state(), folder / tag / f"rng_rank{self.strategy.rank}.pt")
         self.strategy.barrier()
@@ -284,6 +290,42 @@ class Trainer:
             tags = sorted(p.name for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir())
             for old in tags[: -self.train_cfg.keep_last]:
                 shutil.rmtree(folder / old, ignore_errors=True)
+        self.strategy.barrier()
+
+    def check_same_on_every_rank(self, stage_state: dict) -> None:
+        """The schedule must agree across ranks (a resumed run restores rank 0's on all of them)."""
+        digest = int(hashlib.sha256(repr(stage_state).encode()).hexdigest()[:12], 16)   # exact in float64
+        if not self.strategy.all_equal(float(digest)):
+            raise RuntimeError(f"{self.stage.name}: the stage's schedule state differs between ranks at step "
+                               f"{self.progress.step}; on_step must depend on the step, the epoch and the seed only")
+
+    # -- exports ---------------------------------------------------------------------------------
+    def export_due(self, step: int) -> bool:
+        every, epoch = self.train_cfg.export_every, self.epoch_at(step)
+        return bool((epoch is not None and (self.train_cfg.export_each_epoch or epoch in self.train_cfg.export_epochs))
+                    or (every and step % every == 0))
+
+    def epoch_at(self, step: int) -> int | None:
+        """The number of whole epochs done at `step`, where `step` ends one."""
+        return step // self.steps_per_epoch if step % self.steps_per_epoch == 0 else None
+
+    def export_intermediate(self, step: int, validation: dict | None) -> None:
+        name = intermediate_name(step, self.epoch_at(step))
+        self.write_export(self.paths.root / INTERMEDIATE_FOLDER / name, name, validation)
+
+    def export_final(self) -> None:
+        """The stage's export (`<stage>/export`), read by later stages and `icot eval`; on every rank."""
+        self.write_export(self.paths.export, "last", self.last_validation)
+
+    def write_export(self, folder: Path, name: str, validation: dict | None) -> None:
+        """Gather the weights (a collective under ZeRO-3), write them on rank 0, index the export."""
+        state_dict = self.strategy.state_dict_for_export(self.engine)
+        if self.strategy.is_main:
+            step = self.progress.step
+            self.stage.export(self.engine, state_dict, folder)
+            record_export(self.paths.root, {"name": name, "path": str(folder.relative_to(self.paths.root)),
+                                            "step": step, "epoch": self.epoch_at(step), "validation": validation})
+            self.log(f"exported {folder} (step {step})")
         self.strategy.barrier()
 
     # -- logging ---------------------------------------------------------------------------------

@@ -3,12 +3,9 @@
 #
 #   slurm/submit_pipeline.sh RECIPE RUN_DIR [sbatch options ...]
 #
-#   teacher       (no dependency)
-#   no_cot        (no dependency)
-#   mind_reading  afterok: teacher
-#   emulation     afterok: teacher
-#   coupling      afterok: mind_reading, emulation
-#   eval          afterok: all of the above; one node: python -m icot pipeline --only=eval
+# The stages and their dependencies come from the recipe's methods, as `python -m icot stages --config
+# RECIPE` lists them: one job per stage, `afterok` on the stages it reads, then
+#   eval          afterok: all of them; one node: python -m icot pipeline --only=eval
 #
 # Each training stage is slurm/stage.sbatch on ICOT_NODES nodes; it checkpoints and requeues itself
 # near its time limit, and a stage whose RUN_DIR/<stage>/DONE exists is not submitted again, so running
@@ -19,7 +16,7 @@
 #
 # Environment: ICOT_ENV, ICOT_NODES (2), ICOT_EVAL_GPUS (1), ICOT_SBATCH_ARGS, ICOT_CPU, EXTRA_ARGS
 # (more --key=value arguments for every trainer command), ICOT_STAGES (space-separated subset of the
-# stages to submit, default all five; eval is always submitted).
+# stages to submit, default all of the run's; eval is always submitted).
 set -euo pipefail
 
 usage() { sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
@@ -47,9 +44,22 @@ else
 fi
 
 command -v sbatch >/dev/null || { echo "submit_pipeline: sbatch not found (is SLURM_CONF / the slurm module set?)" >&2; exit 2; }
+command -v python >/dev/null || { echo "submit_pipeline: no python on PATH (activate the environment in the env file)" >&2; exit 2; }
+
+# The run's stages, in order, and what each reads (from the registry, through the recipe's methods).
+# shellcheck disable=SC2086
+plan=$(python -m icot stages --config "$RECIPE" --format tsv ${EXTRA_ARGS:-}) ||
+    { echo "submit_pipeline: python -m icot stages --config $RECIPE failed" >&2; exit 2; }
+declare -A after=()
+planned=()
+while IFS=$'\t' read -r stage _method reads _mode; do
+    [[ $reads == - ]] && reads=""
+    after[$stage]=$reads
+    planned+=("$stage")
+done <<<"$plan"
 
 nodes=${ICOT_NODES:-2}
-read -r -a stages <<<"${ICOT_STAGES:-teacher no_cot mind_reading emulation coupling}"
+read -r -a stages <<<"${ICOT_STAGES:-${planned[*]}}"
 # shellcheck disable=SC2206
 common=(--parsable --export=ALL --kill-on-invalid-dep=yes --output="$RUN_DIR/logs/%x-%j.out" ${ICOT_SBATCH_ARGS:-})
 mkdir -p "$RUN_DIR/logs"
@@ -73,11 +83,9 @@ submit() {
     printf '%-13s %-10s %s\n' "$stage" "$id" "${dep_opt[*]:-}"
 }
 
-declare -A after=([teacher]="" [no_cot]="" [mind_reading]="teacher" [emulation]="teacher"
-    [coupling]="mind_reading emulation")
 printf '%-13s %-10s %s\n' stage job_id dependency
 for stage in "${stages[@]}"; do
-    [[ -v after[$stage] ]] || { echo "submit_pipeline: unknown stage '$stage' in ICOT_STAGES" >&2; exit 2; }
+    [[ -v after[$stage] ]] || { echo "submit_pipeline: '$stage' in ICOT_STAGES is not a stage of this run (${planned[*]})" >&2; exit 2; }
     if [[ -e $RUN_DIR/$stage/DONE ]]; then
         printf '%-13s %-10s %s\n' "$stage" "done" "(skipped: $RUN_DIR/$stage/DONE exists)"
         continue

@@ -44,7 +44,7 @@ def test_bench_writes_every_ratio(tmp_path):
         assert all(value > 0 for value in ratios.values())
         eps = report["tasks"][task]["inference"]["examples_per_s"]
         assert set(eps) == {"no_cot", "explicit", "implicit"} and all(set(v) == {"1", "2"} for v in eps.values())
-        assert "ms_per_example" in report["tasks"][task]["profile_implicit"]["1"]
+        assert "ms_per_example" in report["tasks"][task]["profile"]["implicit"]["1"]
     assert set(report["ratios"]["train_step"]) == {"tiny", "2x32"}
     for entry in report["training"].values():
         assert set(entry["ms_per_step"]) == {"hand_step", "icot_strategy_step", "icot_trainer_step"}

@@ -182,10 +182,11 @@ def test_stage_batches_are_built_on_the_strategy_device():
     # a device other than the CPU the collation runs on.
     from types import SimpleNamespace
 
-    from icot.stages.mind_reading import MindReadingStage
+    from icot.config import stage_config
+    from icot.methods.icot_kd.mind_reading import MindReadingStage
 
     strategy = SimpleNamespace(device=torch.device("meta"))
-    stage = MindReadingStage(None, strategy, SimpleNamespace(eos_token_id=SEP))
+    stage = MindReadingStage(stage_config("mind_reading"), strategy, SimpleNamespace(eos_token_id=SEP))
     features = [dict(f, answer="") for f in HAND_FEATURES]
     batch = stage.collate(features)
     assert sorted(batch) == ["cot", "nocot"]

@@ -7,9 +7,11 @@ import textwrap
 import pytest
 import yaml
 
-from icot.config import (STAGES, Paths, StageConfig, TrainConfig, config_to_dict, load_resolved, load_stage_config,
-                         save_resolved)
+from icot import registry
+from icot.config import (Paths, StageConfig, TrainConfig, config_help, config_to_dict, load_methods, load_resolved,
+                         load_stage_config, save_resolved, stage_config)
 from icot.errors import UserError
+from icot.exports import ExportChoice
 
 
 @pytest.fixture
@@ -28,7 +30,8 @@ def test_defaults_without_recipe():
     config = load_stage_config("teacher")
     assert config == StageConfig(stage="teacher")
     assert config.train.lr == 5e-5 and config.train.betas == [0.9, 0.999] and config.train.grad_clip == 0.0
-    assert config.method.delta == "dynamic" and config.model.name_or_path is None
+    assert config.model.name_or_path is None and not hasattr(config, "icot_kd")   # the teacher has no method section
+    assert load_stage_config("coupling").icot_kd.delta == "dynamic"
 
 
 def test_merge_order_defaults_recipe_stage_cli(recipe):
@@ -40,7 +43,7 @@ def test_merge_order_defaults_recipe_stage_cli(recipe):
           teacher:
             train: {epochs: 3, lr: 2e-3}
           coupling:
-            method: {freeze: student}
+            icot_kd: {freeze: student}
     """)
     teacher = load_stage_config("teacher", path, ["--train.epochs=5"])
     assert teacher.run_dir == "runs/demo"
@@ -49,10 +52,10 @@ def test_merge_order_defaults_recipe_stage_cli(recipe):
     assert teacher.train.epochs == 5.0  # command line beats the recipe's stage section
     assert teacher.train.batch_size == 16
     assert teacher.train.weight_decay == 0.01  # default
-    assert teacher.method.freeze == "none"  # another stage's section does not leak
+    assert load_stage_config("emulation", path, []).icot_kd.freeze == "none"  # another stage's section does not leak
 
     coupling = load_stage_config("coupling", path, [])
-    assert coupling.method.freeze == "student"
+    assert coupling.icot_kd.freeze == "student"
     assert coupling.train.lr == 1e-3 and coupling.train.epochs == 2.0
 
 
@@ -85,14 +88,14 @@ def test_scientific_notation_from_yaml_and_cli(recipe):
 
 
 def test_strings_stay_verbatim(recipe):
-    path = recipe("model: {tokenizer: 007}\nmethod: {delta: 0}\ntrain: {resume: 'null'}\n")
-    config = load_stage_config("teacher", path, [])
+    path = recipe("model: {tokenizer: 007}\nicot_kd: {delta: 0}\ntrain: {resume: 'null'}\n")
+    config = load_stage_config("mind_reading", path, [])
     assert config.model.tokenizer == "007"
-    assert config.method.delta == "0"
+    assert config.icot_kd.delta == 0   # `dynamic` or an integer, typed once
     assert config.train.resume == "null"  # quoted in YAML: a string, not None
-    cli = load_stage_config("teacher", None, ["--model.tokenizer=007", "--method.delta=3"])
-    assert cli.model.tokenizer == "007" and cli.method.delta == "3"
-    assert load_stage_config("teacher", None, ["--method.mixture=none"]).method.mixture == "none"
+    cli = load_stage_config("mind_reading", None, ["--model.tokenizer=007", "--icot_kd.delta=3"])
+    assert cli.model.tokenizer == "007" and cli.icot_kd.delta == 3
+    assert load_stage_config("coupling", None, ["--icot_kd.mixture=none"]).icot_kd.mixture == "none"
 
 
 def test_booleans_ints_and_none(recipe):
@@ -131,6 +134,16 @@ def test_lists_from_cli_and_yaml(recipe):
     ("stages:\n  teachr:\n    train: {lr: 1}\n",
      r"recipe\.yaml:3: unknown key 'stages\.teachr'; did you mean 'stages\.teacher'\?"),
     ("stages:\n  coupling:\n    model: {layerz: 3}\n", r"unknown key 'stages\.coupling\.model\.layerz'"),
+    # Another method's section is checked even where this stage does not read it.
+    ("icot_kd: {deltaa: 3}\n", r"recipe\.yaml:1: unknown key 'icot_kd\.deltaa'; did you mean 'icot_kd\.delta'\?"),
+    ("icot_kd: {delta: diagonal}\n", r"icot_kd\.delta: expected 'dynamic' or an integer, got 'diagonal'"),
+    ("stages:\n  teacher:\n    icot_kd: {delta: 3}\n", r"unknown key 'stages\.teacher\.icot_kd'"),
+    ("inputs: {studnet: {dir: x}}\n", r"unknown key 'inputs\.studnet'; did you mean 'inputs\.student'\?"),
+    ("inputs: {student: {export: epoch0}}\n",
+     r"inputs\.student\.export: expected last, best, 'epoch N' or 'step N' \(N >= 1\), got 'epoch0'"),
+    ("methods: [icot_kd, icot]\n", r"recipe\.yaml:1: methods: unknown method 'icot'; registered: icot_kd"),
+    ("method: {delta: 3}\n", r"recipe\.yaml:1: the 'method:' section is now named after its method \(icot_kd:\); "
+                             r"rename it"),
 ])
 def test_unknown_keys_in_recipe(recipe, text, message):
     path = recipe(text)
@@ -158,7 +171,7 @@ def test_unknown_keys_on_command_line(override, message):
     ("train: {offload: maybe}\n", None, r"train\.offload: expected true or false, got 'maybe'"),
     ("train: {lr: [1, 2]}\n", None, r"train\.lr: expected a number, got a list"),
     ("train: 3\n", None, r"recipe\.yaml:1: train: expected a section"),
-    ("model: {family: null}\n", None, r"model\.family: expected a string, got null"),
+    ("model: {family: null}\n", None, r"model\.family: expected one of gpt2, llama, mistral, qwen2, got null"),
     ("train: {betas: null}\n", None, r"train\.betas: expected a list, got null"),
     (None, "--train.batch_size=big", r"command line: --train\.batch_size: expected an integer, got 'big'"),
     (None, "--train.epochs", r"--train\.epochs: expected a number, got no value"),
@@ -170,13 +183,14 @@ def test_wrong_types_name_the_key(recipe, text, override, message):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("--train.schedule=cos", r"--train\.schedule: 'cos' is not one of constant, linear, cosine"),
-    ("--train.precision=fp8", r"not one of fp32, bf16, fp16"),
-    ("--train.zero_stage=4", r"--train\.zero_stage: 4 is not one of 0, 1, 2, 3"),
-    ("--method.mixture=gumbel", r"not one of none, token"),
-    ("--method.freeze=teacher", r"not one of none, student, emulator"),
-    ("--model.family=bert", r"not one of gpt2, llama, mistral, qwen2"),
-    ("--method.delta=fixed", r"--method\.delta: expected 'dynamic', 'first_column' or a non-negative integer"),
+    ("--train.schedule=cos", r"--train\.schedule: expected one of constant, linear, cosine, got 'cos'"),
+    ("--train.precision=fp8", r"expected one of fp32, bf16, fp16"),
+    ("--train.zero_stage=4", r"--train\.zero_stage: expected one of 0, 1, 2, 3, got '4'"),
+    ("--icot_kd.mixture=gumbel", r"expected one of none, token"),
+    ("--icot_kd.freeze=teacher", r"expected one of none, student, emulator"),
+    ("--model.family=bert", r"expected one of gpt2, llama, mistral, qwen2"),
+    ("--icot_kd.delta=fixed", r"--icot_kd\.delta: expected 'dynamic' or an integer, got 'fixed'"),
+    ("--icot_kd.delta=-1", r"--icot_kd\.delta: must be at least 0, got -1"),
     ("--train.batch_size=0", r"--train\.batch_size: must be at least 1, got 0"),
     ("--train.offload=true", r"train\.offload needs train\.zero_stage 2 or 3"),
     ("--train.micro_batch_size=64", r"train\.micro_batch_size \(64\) exceeds train\.batch_size \(32\)"),
@@ -187,9 +201,12 @@ def test_enumerations_and_ranges(override, message):
 
 
 def test_accepted_enumeration_values():
-    config = load_stage_config("mind_reading", None, ["--method.delta=first_column", "--train.schedule=cosine",
+    config = load_stage_config("mind_reading", None, ["--icot_kd.delta=0", "--train.schedule=cosine",
                                                       "--train.precision=bf16", "--train.zero_stage=3"])
-    assert (config.method.delta, config.train.schedule, config.train.precision) == ("first_column", "cosine", "bf16")
+    assert (config.icot_kd.delta, config.train.schedule, config.train.precision) == (0, "cosine", "bf16")
+    assert config.train.zero_stage == 3 and isinstance(config.train.zero_stage, int)
+    choice = load_stage_config("coupling", None, ["--inputs.student.export=Epoch 7"]).inputs.student.export
+    assert choice == ExportChoice("epoch", 7) and str(choice) == "epoch 7"
 
 
 def test_unknown_stage_and_bad_arguments(recipe):
@@ -210,6 +227,7 @@ def test_unknown_stage_and_bad_arguments(recipe):
 def test_empty_sections_are_allowed(recipe):
     assert load_stage_config("teacher", recipe("train:\nstages:\n"), []) == StageConfig(stage="teacher")
     assert load_stage_config("teacher", recipe(""), []) == StageConfig(stage="teacher")
+    assert load_stage_config("coupling", recipe("icot_kd:\ninputs:\n"), []) == stage_config("coupling")
 
 
 def test_resolved_round_trip(tmp_path, recipe):
@@ -217,8 +235,8 @@ def test_resolved_round_trip(tmp_path, recipe):
         run_dir: runs/rt
         model: {tokenizer: '007', name_or_path: none_dir, kv_heads: 2}
         train: {lr: 1e-4, betas: [0.9, 0.95], eps: 1e-12, max_steps: 100}
-        method: {delta: '3', mixture: none}
-        teacher_dir: runs/rt/teacher
+        icot_kd: {delta: 3, mixture: none}
+        inputs: {teacher: {dir: runs/rt/teacher, export: best}}
     """)
     config = load_stage_config("mind_reading", path, ["--data.cache_dir=null", "--train.resume=none"])
     out = tmp_path / "resolved" / "config.yaml"
@@ -233,8 +251,10 @@ def test_resolved_round_trip(tmp_path, recipe):
 def test_config_to_dict_is_nested_plain_data():
     data = config_to_dict(load_stage_config("teacher"))
     assert data["train"]["betas"] == [0.9, 0.999] and data["stage"] == "teacher"
-    assert set(data) == {"stage", "run_dir", "model", "data", "train", "method", "teacher_dir", "student_dir",
-                         "emulator_dir"}
+    assert set(data) == {"stage", "run_dir", "model", "data", "train"}
+    coupling = config_to_dict(load_stage_config("coupling"))
+    assert set(coupling) == {"stage", "run_dir", "model", "data", "train", "inputs", "icot_kd"}
+    assert coupling["inputs"] == {"student": {"dir": None, "export": "last"}, "emulator": {"dir": None, "export": "last"}}
 
 
 def test_train_config_defaults_record_paper_choices():
@@ -249,4 +269,69 @@ def test_stage_paths():
     assert [p.name for p in (paths.config, paths.ds_config, paths.ckpt, paths.tb, paths.export, paths.manifest)] == \
         ["config.yaml", "ds_config.json", "ckpt", "tb", "export", "manifest.json"]
     assert Paths.for_stage("r", "teacher").ckpt.as_posix() == "r/teacher/ckpt"
-    assert STAGES == ("teacher", "no_cot", "mind_reading", "emulation", "coupling")
+    assert registry.stage_names() == ["no_cot", "teacher", "mind_reading", "emulation", "coupling"]
+
+
+def test_a_resolved_config_written_before_method_sections_loads(tmp_path):
+    """Run folders written before methods had their own sections keep working: `method:` becomes the
+    stage's method section (`first_column` is delta 0) and `<role>_dir` becomes `inputs.<role>.dir`."""
+    old = tmp_path / "config.yaml"
+    old.write_text(textwrap.dedent("""
+        stage: coupling
+        run_dir: runs/old
+        train: {lr: 0.001}
+        method: {delta: first_column, mixture: none, freeze: student}
+        teacher_dir: null
+        student_dir: runs/old/mind_reading
+        emulator_dir: null
+    """))
+    config = load_resolved(str(old))
+    assert config.icot_kd.delta == 0 and config.icot_kd.freeze == "student" and config.train.lr == 1e-3
+    assert config.inputs.student.dir == "runs/old/mind_reading" and config.inputs.emulator.dir is None
+
+
+def test_methods_come_from_the_command_line_then_the_recipe_then_the_default(recipe):
+    assert load_methods() == ["icot_kd"]   # Method.default
+    path = recipe("methods: [icot_kd]\n")
+    assert load_methods(path, []) == ["icot_kd"]
+    assert load_methods(path, ["--methods=icot_kd"]) == ["icot_kd"]
+    with pytest.raises(UserError, match=r"command line: --methods: unknown method 'nope'"):
+        load_methods(path, ["--methods=nope"])
+    # `methods:` is the run's, not a stage's: it is not part of any stage config.
+    assert load_stage_config("teacher", path, []) == StageConfig(stage="teacher")
+
+
+def test_help_lists_every_key_with_type_default_and_meaning():
+    text = config_help("coupling")
+    assert "icot train coupling: couple and optimize" in text
+    assert "reads: mind_reading (as student), emulation (as emulator)" in text
+    lines = text.splitlines()
+    index = lines.index("  train.lr: a number, default 5e-05")
+    assert "AdamW learning rate" in lines[index + 1]
+    for key in ("model.family: one of gpt2, llama, mistral, qwen2, default gpt2",
+                "icot_kd.delta: 'dynamic' or an integer, default dynamic",
+                "inputs.student.export: last, best, 'epoch N' or 'step N', default last",
+                "train.precision: one of fp32, bf16, fp16, default fp32"):
+        assert f"  {key}" in lines, key
+    # Every field of the config has help text.
+    keys = [line for line in lines if line.startswith("  ") and not line.startswith("      ") and ": " in line
+            and ", default " in line]
+    assert len(keys) == len([i for i, line in enumerate(lines) if line in keys and lines[i + 1].startswith("      ")])
+    assert "icot_kd" not in config_help("teacher")
+
+
+def test_config_command_prints_every_stage_as_it_will_be_recorded(recipe, capsys):
+    from icot.config_cli import config_cli, stages_cli
+
+    path = recipe("train: {lr: 1e-3}\nstages:\n  coupling:\n    inputs: {student: {export: epoch 2}}\n")
+    config_cli(["--config", path, "--train.seed=7"])
+    sections = capsys.readouterr().out.split("# ---- ")[1:]
+    assert [s.split(":", 1)[0] for s in sections] == registry.stage_names()
+    resolved = {data["stage"]: data for data in (yaml.safe_load(s.split("\n", 1)[1]) for s in sections)}
+    assert all(data["train"]["seed"] == 7 and data["train"]["lr"] == 1e-3 for data in resolved.values())
+    assert resolved["coupling"]["inputs"]["student"]["export"] == "epoch 2"
+    assert resolved["coupling"] == config_to_dict(load_stage_config("coupling", path, ["--train.seed=7"]))
+    config_cli(["--config", path, "--stage", "teacher"])
+    assert capsys.readouterr().out.count("# ---- ") == 1
+    stages_cli(["--config", path, "--format", "tsv"])
+    assert capsys.readouterr().out.splitlines()[-1] == "coupling\ticot_kd\tmind_reading emulation\timplicit"

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from icot.config import TrainConfig
-from icot.engine import (TEMPLATE_DIR, Strategy, StepInfo, batch_triple, build_ds_config, find_auto, load_template,
-                         lr_lambda, template_path)
+from icot.engine import (CPU_OFFLOAD, Strategy, StepInfo, batch_triple, build_ds_config, find_auto, load_template,
+                         lr_lambda)
 from icot.errors import UserError
 
 WORKER_PATH = Path(__file__).with_name("dist_engine_worker.py")
@@ -33,6 +33,7 @@ worker = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(worker)
 
 REL, WEIGHT_ABS, OUTPUT_ABS = 1e-5, 2e-5, 1e-6
+EXAMPLES = Path(__file__).resolve().parents[1] / "ds_configs"   # example files for train.ds_config
 
 
 def assert_close_list(got, want, rel=REL):
@@ -130,36 +131,39 @@ def test_template_that_disagrees_or_schedules_is_rejected(tmp_path):
         build_ds_config(TrainConfig(), 1, bad)
 
 
-@pytest.mark.parametrize("path", sorted(TEMPLATE_DIR.glob("*.json")), ids=lambda p: p.name)
-def test_every_shipped_template_loads_and_fills(path):
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.json")), ids=lambda p: p.name)
+def test_every_example_file_loads_and_builds_what_the_typed_config_builds(path):
     template = load_template(path)
     assert not {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer",
-                "scheduler"} & set(template), "templates carry no batch, optimizer or scheduler keys"
+                "scheduler"} & set(template), "examples carry no batch, optimizer or scheduler keys"
     stage = template["zero_optimization"]["stage"]
     train = TrainConfig(zero_stage=stage, offload="offload" in path.stem, batch_size=8, micro_batch_size=2)
-    cfg = build_ds_config(train, 2, path, frozen=path.stem.startswith("frozen"))
+    cfg = build_ds_config(train, 2, path)
     got = (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"])
     assert got == (8, 2, 2)
-    assert not find_auto(cfg)
-    assert ("optimizer" in cfg) != path.stem.startswith("frozen")
+    assert not find_auto(cfg) and "optimizer" in cfg
+    assert cfg == build_ds_config(train, 2)   # the example says what the code builds from the config alone
     json.dumps(cfg)  # what gets saved as ds_config.json
 
 
-def test_template_choice(tmp_path):
-    assert template_path(TrainConfig()).name == "zero0.json"
-    assert template_path(TrainConfig(zero_stage=2)).name == "zero2.json"
-    assert template_path(TrainConfig(zero_stage=3, offload=True)).name == "zero3_offload.json"
-    assert template_path(TrainConfig(zero_stage=2), frozen=True).name == "frozen_zero0.json"
-    assert template_path(TrainConfig(zero_stage=3), frozen=True).name == "frozen_zero3.json"
-    assert template_path(TrainConfig(ds_config="zero2")).name == "zero2.json"
-    custom = tmp_path / "mine.json"
-    custom.write_text('{"zero_optimization": {"stage": 0}}')
-    assert template_path(TrainConfig(ds_config=str(custom))) == custom
-    assert template_path(TrainConfig(ds_config=str(custom)), frozen=True).name == "frozen_zero0.json"
-    with pytest.raises(UserError, match=r"no file nope\.json \(shipped templates: .*zero3_offload"):
-        template_path(TrainConfig(ds_config="nope.json"))
+def test_the_config_is_built_from_the_typed_config_and_a_users_file_passes_through(tmp_path):
+    assert build_ds_config(TrainConfig(), 1)["zero_optimization"] == {"stage": 0}
+    assert build_ds_config(TrainConfig(zero_stage=2, offload=True), 1)["zero_optimization"] == {
+        "stage": 2, "offload_optimizer": CPU_OFFLOAD}
+    assert build_ds_config(TrainConfig(zero_stage=3, offload=True), 1)["zero_optimization"] == {
+        "stage": 3, "offload_optimizer": CPU_OFFLOAD, "offload_param": CPU_OFFLOAD}
+    # Frozen engines: partitioned only under ZeRO-3, never offloaded, never from the user's file.
+    mine = tmp_path / "mine.json"
+    mine.write_text('{"zero_optimization": {"stage": 3, "stage3_max_live_parameters": 1000}, "flops_profiler": {}}')
+    train = TrainConfig(zero_stage=3, ds_config=str(mine))
+    assert build_ds_config(train, 1)["zero_optimization"] == {"stage": 3, "stage3_max_live_parameters": 1000}
+    assert build_ds_config(train, 1)["flops_profiler"] == {}
+    assert build_ds_config(train, 1, frozen=True)["zero_optimization"] == {"stage": 3}
+    assert build_ds_config(TrainConfig(zero_stage=2, offload=True), 1, frozen=True)["zero_optimization"] == {"stage": 0}
+    with pytest.raises(UserError, match=r"train\.ds_config: cannot read nope\.json"):
+        build_ds_config(TrainConfig(ds_config="nope.json"), 1)
     with pytest.raises(UserError, match=r"train\.offload needs train\.zero_stage 2 or 3"):
-        template_path(TrainConfig(offload=True))
+        build_ds_config(TrainConfig(offload=True), 1)
 
 
 def test_lr_schedules():

@@ -31,8 +31,9 @@ from icot.data.reader import iter_examples
 from icot.data.tokenizer_build import build_tokenizer
 from icot.data.views import encode_batch
 from icot.errors import UserError
+from icot.data.collate import rank_batches
 from icot.evaluate import (MAX_NEW_TOKENS_MARGIN, answers_match, evaluate_cli, evaluate_mode, fit_positions,
-                           generated_answer, shard_batches)
+                           generated_answer)
 from icot.models.coupled import CoupledModel
 from icot.models.decoder import build_decoder, decoder_config
 from icot.models.emulator import Emulator
@@ -40,7 +41,7 @@ from icot.models.io import save_component
 from icot.models.student import Student
 
 ROOT = Path(__file__).resolve().parent.parent
-MODES = ("no_cot", "explicit", "implicit")
+MODES = ("no_cot", "explicit", "implicit")   # the built-in modes, checked against the registry below
 TEST_EXAMPLES = 9  # odd: two ranks get unequal shards
 SEPARATORS = {"no_cot": 1, "explicit": 2, "implicit": 1}
 
@@ -234,7 +235,7 @@ def test_answers_are_compared_after_the_marker_without_commas(tiny_run):
 
 @pytest.mark.parametrize("n,batch,world", [(9, 2, 2), (9, 4, 3), (1, 4, 2), (8, 1, 1), (5, 32, 4)])
 def test_shards_cover_every_example_once_with_the_same_number_of_batches(n, batch, world):
-    shards = [shard_batches(n, batch, rank, world) for rank in range(world)]
+    shards = [rank_batches(n, batch, rank, world) for rank in range(world)]
     assert len({len(s) for s in shards}) == 1
     seen = sorted(i for s in shards for rows in s for i in rows)
     assert seen == list(range(n))

@@ -12,7 +12,7 @@ from icot.models.decoder import edit_block_inputs, gather_rows, replace_rows, se
 from icot.models.emulator import EmulatorOutput, emulation_loss
 from icot.models.generation import generate_explicit, generate_implicit, generate_no_cot
 from icot.models.io import COMPONENT_FILE, load_component, save_component
-from icot.models.teacher_states import normalize_state, parse_delta
+from icot.models.teacher_states import normalize_state
 from tests.model_helpers import SEP, VOCAB, hand_gpt2_forward, make_decoder, random_example_batch, tiny_gpt2
 
 FAMILIES = ["gpt2", "llama"]
@@ -125,9 +125,6 @@ def test_diagonal_positions_per_example():
     assert dynamic.tolist() == [[2, 5, 8, 11], [5, 6, 7, 8]]
     assert diagonal_positions(s1, s2, 4, 2).tolist() == [[2, 4, 6, 8], [5, 7, 8, 8]]
     assert diagonal_positions(s1, s2, 3, 0).tolist() == [[2, 2, 2], [5, 5, 5]]
-    assert parse_delta("first_column") == 0 and parse_delta("3") == 3 and parse_delta("dynamic") == "dynamic"
-    with pytest.raises(UserError, match="method.delta"):
-        parse_delta("diagonal")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

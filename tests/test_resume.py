@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import re
 import signal
-import subprocess
-import threading
 from pathlib import Path
 
 import pytest
 
 pytest.register_assert_rewrite("tests.train_fixtures")
 
-from tests.train_fixtures import (RUN_TIMEOUT, icot_env, make_workspace, read_scalars, run_train,  # noqa: E402
-                                  stage_folder_problems, train_command, write_recipe)
+from tests.train_fixtures import launch_and_signal as signal_run  # noqa: E402
+from tests.train_fixtures import make_workspace, read_scalars, run_train, stage_folder_problems, write_recipe  # noqa: E402
 
 STEPS, SAVE_EVERY, EVAL_EVERY = 40, 4, 10
 TAGS = ("train/loss", "train/lr", "train/grad_norm", "valid/loss", "valid/token_accuracy", "valid/accuracy")
@@ -65,25 +63,8 @@ def test_the_batch_order_is_computed_once_per_epoch(monkeypatch):
 
 def launch_and_signal(folder: Path, run_dir: str, sig: int, at_step: int) -> tuple[int, str]:
     """Start the teacher stage, send `sig` once it logs step `at_step`; (exit code, its stdout)."""
-    command = train_command("teacher", folder / "recipe.yaml", f"--run_dir={run_dir}")
-    with open(folder / f"{run_dir}.stderr", "w") as stderr:
-        process = subprocess.Popen(command, cwd=folder, env=icot_env(), stdout=subprocess.PIPE, stderr=stderr,
-                                   text=True)
-        watchdog = threading.Timer(RUN_TIMEOUT, process.kill)  # a hang fails the test instead of blocking
-        watchdog.start()
-        lines, sent = [], False
-        try:
-            for line in process.stdout:  # PYTHONUNBUFFERED: each log line arrives as it is written
-                lines.append(line)
-                match = re.search(r"\] step (\d+)/", line)
-                if not sent and match and int(match.group(1)) >= at_step:
-                    process.send_signal(sig)
-                    sent = True
-        finally:
-            watchdog.cancel()
-        code = process.wait(timeout=RUN_TIMEOUT)
-    assert sent, "the run finished before it could be interrupted:\n" + "".join(lines)[-3000:]
-    return code, "".join(lines)
+    return signal_run(folder, "teacher", folder / "recipe.yaml", f"--run_dir={run_dir}", sig=sig, at_step=at_step,
+                      log_name=run_dir)
 
 
 def assert_same_curves(reference: dict, got: dict) -> None:

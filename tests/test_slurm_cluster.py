@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from icot.registry import plan
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_SBATCH = ROOT / "slurm" / "stage.sbatch"
 
@@ -105,7 +107,8 @@ def _opt(call, name):
 def test_submit_pipeline_chain(tmp_path):
     out, calls, run_dir = _run_submitter(
         tmp_path, "export SBATCH_GPUS_PER_NODE=h100:8\nexport ICOT_NODES=3\n", "--partition=gpu", "--qos=high")
-    assert list(calls) == ["teacher", "no_cot", "mind_reading", "emulation", "coupling", "eval"]
+    # The order and the dependencies come from the registry (`icot stages`), the shared stages first.
+    assert list(calls) == [*(spec.name for spec in plan(["icot_kd"])), "eval"]
     ids = {stage: c["id"] for stage, c in calls.items()}
     deps = {stage: _opt(c, "dependency") for stage, c in calls.items()}
     assert deps["teacher"] is None and deps["no_cot"] is None

@@ -1,4 +1,4 @@
-"""`method.teacher_state_cache`: the teacher's states computed once over the training set.
+"""`icot_kd.teacher_state_cache`: the teacher's states computed once over the training set.
 
 - Mind-reading and emulation with the cache log the same per-step losses (and validation) as the
   shared five-stage run that computes the states at every step; the two stages share one cache file
@@ -52,7 +52,7 @@ def test_cached_states_give_the_same_training(gpt2_chain, tmp_path):
     teacher = copy_teacher(gpt2_chain, tmp_path)
     for stage in ("mind_reading", "emulation"):
         run_train(folder, stage, folder / "recipe.yaml", f"--run_dir={tmp_path / 'cached'}",
-                  f"--teacher_dir={teacher}", "--method.teacher_state_cache=true")
+                  f"--inputs.teacher.dir={teacher}", "--icot_kd.teacher_state_cache=true")
         root = tmp_path / "cached" / stage
         assert stage_folder_problems(root, stage) == []
         assert_same_curves(read_scalars(gpt2_chain / stage / "tb"), read_scalars(root / "tb"), stage)
@@ -79,7 +79,7 @@ def test_two_ranks_build_the_same_cache(gpt2_chain, tmp_path):
     one_rank, two_ranks = copy_teacher(gpt2_chain, tmp_path / "one"), copy_teacher(gpt2_chain, tmp_path / "two")
     for teacher, nproc in ((one_rank, 1), (two_ranks, 2)):
         run_train(folder, "mind_reading", folder / "recipe.yaml", f"--run_dir={teacher.parent / 'run'}",
-                  f"--teacher_dir={teacher}", "--method.teacher_state_cache=true", nproc=nproc)
+                  f"--inputs.teacher.dir={teacher}", "--icot_kd.teacher_state_cache=true", nproc=nproc)
     # The key names the teacher's folder, so the two copies' files differ in name only.
     (one_name,), (two_name,) = cache_files(one_rank), cache_files(two_ranks)
     torch.testing.assert_close(torch.load(two_ranks / "state_cache" / two_name),

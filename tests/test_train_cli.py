@@ -141,7 +141,7 @@ def test_teacher_student_shape_mismatch(gpt2_chain):
     folder = gpt2_chain.parent
     teacher_before = snapshot(gpt2_chain / "teacher")
     result = run_train(folder, "mind_reading", folder / "recipe.yaml", "--run_dir=mismatch",
-                       f"--teacher_dir={gpt2_chain / 'teacher'}", "--model.layers=3", check=False)
+                       f"--inputs.teacher.dir={gpt2_chain / 'teacher'}", "--model.layers=3", check=False)
     assert_one_line_error(result, "shape mismatch", "teacher has 2 layers x 32 hidden",
                           "student has 3 layers x 32 hidden")
     assert not (folder / "mismatch").exists()  # checked before the new stage folder is written

@@ -47,7 +47,7 @@ def compare_to_one_rank(one: dict, two: dict, label: str) -> None:
 def test_two_ranks_match_one_rank(gpt2_chain, stage, zero_stage):
     folder = gpt2_chain.parent
     run_dir = f"two-ranks-zero{zero_stage}"
-    inputs = ([f"--student_dir={gpt2_chain / 'mind_reading'}", f"--emulator_dir={gpt2_chain / 'emulation'}"]
+    inputs = ([f"--inputs.student.dir={gpt2_chain / 'mind_reading'}", f"--inputs.emulator.dir={gpt2_chain / 'emulation'}"]
               if stage == "coupling" else [])
     run_train(folder, stage, folder / "recipe.yaml", f"--run_dir={run_dir}", f"--train.zero_stage={zero_stage}",
               *inputs, nproc=2)
@@ -67,7 +67,7 @@ def test_llama_from_a_local_folder_mind_reading_zero3(llama_chain):
     folder = llama_chain.parent
     teacher = llama_chain / "teacher"
     result = run_train(folder, "mind_reading", folder / "recipe.yaml", "--run_dir=zero3", "--train.zero_stage=3",
-                       f"--teacher_dir={teacher}", f"--model.name_or_path={teacher / 'export'}", nproc=2)
+                       f"--inputs.teacher.dir={teacher}", f"--model.name_or_path={teacher / 'export'}", nproc=2)
     root = folder / "zero3" / "mind_reading"
     assert stage_folder_problems(root, "mind_reading") == []
 

@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import yaml
 
+from icot.registry import plan
+
 ROOT = Path(__file__).resolve().parents[1]
-STAGE_ORDER = ("teacher", "no_cot", "mind_reading", "emulation", "coupling")
+STAGE_ORDER = tuple(spec.name for spec in plan(["icot_kd"]))   # the shared stages, then ICoT-KD's
 TRAIN_TAGS = ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s")
 VALID_TAGS = ("valid/loss", "valid/token_accuracy", "valid/accuracy")
 TINY = {"layers": 2, "hidden": 32, "heads": 2, "max_positions": 128}
@@ -74,14 +78,62 @@ def train_command(stage: str, recipe: Path | str, *overrides: str, nproc: int = 
 
 
 def run_train(cwd: Path, stage: str, recipe: Path | str, *overrides: str, nproc: int = 1, check: bool = True,
-              timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess:
-    """`icot train` in a subprocess; with `check`, a failure shows its output."""
-    result = subprocess.run(train_command(stage, recipe, *overrides, nproc=nproc), cwd=cwd, env=icot_env(),
+              timeout: float = RUN_TIMEOUT, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`icot train` in a subprocess (`env`: extra environment variables); with `check`, a failure shows
+    its output."""
+    result = subprocess.run(train_command(stage, recipe, *overrides, nproc=nproc), cwd=cwd, env=icot_env(**(env or {})),
                             capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         pytest.fail(f"icot train {stage} {' '.join(overrides)} (nproc {nproc}) exited {result.returncode}\n"
                     f"--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-6000:]}")
     return result
+
+
+def launch_and_signal(cwd: Path, stage: str, recipe: Path | str, *overrides: str, sig: int, at_step: int,
+                      nproc: int = 1, env: dict | None = None, log_name: str = "signalled") -> tuple[int, str]:
+    """Start `icot train`, send `sig` once it logs step `at_step`; (exit code, its stdout). Its stderr goes
+    to `cwd/<log_name>.stderr`. With several ranks the signal goes to every process of the run, as SLURM
+    sends USR1 to a job step (torchrun starts each rank in a session of its own, so a process group
+    does not reach them); torchrun itself ignores USR1 then, as slurm/stage.sbatch arranges."""
+    command = train_command(stage, recipe, *overrides, nproc=nproc)
+    if nproc > 1:
+        command = ["bash", "-c", 'trap "" USR1; exec "$@"', "launch", *command]
+    with open(cwd / f"{log_name}.stderr", "w") as stderr:
+        process = subprocess.Popen(command, cwd=cwd, env=icot_env(**(env or {})), stdout=subprocess.PIPE,
+                                   stderr=stderr, text=True)
+        watchdog = threading.Timer(RUN_TIMEOUT, process.kill)  # a hang fails the test instead of blocking
+        watchdog.start()
+        lines, sent = [], False
+        try:
+            for line in process.stdout:  # PYTHONUNBUFFERED: each log line arrives as it is written
+                lines.append(line)
+                match = re.search(r"\] step (\d+)/", line)
+                if not sent and match and int(match.group(1)) >= at_step:
+                    for pid in [process.pid, *descendants(process.pid)]:
+                        os.kill(pid, sig)
+                    sent = True
+        finally:
+            watchdog.cancel()
+        code = process.wait(timeout=RUN_TIMEOUT)
+    assert sent, "the run finished before it could be interrupted:\n" + "".join(lines)[-3000:]
+    return code, "".join(lines)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:   # the process ended meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:

@@ -8,6 +8,7 @@ padded so that every prompt ends in the last column, where generation continues.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -92,6 +93,17 @@ def collate_generate(features: Sequence[dict], pad_id: int) -> dict[str, torch.T
         "position_ids": position_ids,
         "first_sep": torch.full((batch_size,), width - 1, dtype=torch.long),
     }
+
+
+def rank_batches(num_examples: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
+    """This rank's batches of example indices (rank r holds r, r + world, ...). Every rank gets the same
+    number of batches, as collectives under ZeRO-3 need: an empty list is a padding batch, to run (on any
+    example) and then drop."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    mine = list(range(rank, num_examples, world_size))
+    count = math.ceil(math.ceil(num_examples / world_size) / batch_size)
+    return [mine[b * batch_size:(b + 1) * batch_size] for b in range(count)]
 
 
 def examples_at(dataset, indices: Sequence[int]) -> list[dict]:

@@ -188,16 +188,44 @@ def pair_count(digits_a: int, digits_b: int) -> int:
     return 9 * 10 ** (digits_a - 1) * 9 * 10 ** (digits_b - 1)
 
 
-def sample_pairs(digits_a: int, digits_b: int, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """`count` distinct pairs in random order, as digit rows (count, digits) least-significant first."""
-    available = pair_count(digits_a, digits_b)
+def sample_pairs(digits_a: int, digits_b: int, count: int, seed: int,
+                 exclude: set[bytes] = frozenset()) -> tuple[np.ndarray, np.ndarray]:
+    """`count` distinct pairs in random order, as digit rows (count, digits) least-significant first.
+    `exclude`: pairs never to draw, as `pair_keys` (e.g. an official test set's)."""
+    available = pair_count(digits_a, digits_b) - len(exclude)
     if count > available:
         raise UserError(f"asked for {count} pairs, but only {available} distinct "
-                        f"{digits_a}x{digits_b}-digit pairs exist")
+                        f"{digits_a}x{digits_b}-digit pairs exist" + (" outside the excluded ones" if exclude else ""))
     rng = np.random.default_rng(seed)
-    if available <= INDEX_SAMPLING_LIMIT:
-        return _sample_by_index(rng, digits_a, digits_b, count)
-    return _sample_by_digits(rng, digits_a, digits_b, count)
+    drawn = count + len(exclude)   # enough that `count` remain once the excluded ones are dropped
+    if pair_count(digits_a, digits_b) <= INDEX_SAMPLING_LIMIT:
+        a_rows, b_rows = _sample_by_index(rng, digits_a, digits_b, drawn)
+    else:
+        a_rows, b_rows = _sample_by_digits(rng, digits_a, digits_b, drawn)
+    if exclude:
+        keep = np.fromiter((key not in exclude for key in pair_keys(a_rows, b_rows)), bool, len(a_rows))
+        a_rows, b_rows = a_rows[keep], b_rows[keep]
+    return a_rows[:count], b_rows[:count]
+
+
+def pair_keys(a_rows: np.ndarray, b_rows: np.ndarray) -> list[bytes]:
+    """One hashable key per (a, b) pair of digit rows."""
+    rows = np.ascontiguousarray(np.concatenate([a_rows, b_rows], axis=1), dtype=np.uint8)
+    return [row.tobytes() for row in rows]
+
+
+def excluded_pairs(files, digits_a: int, digits_b: int) -> set[bytes]:
+    """The operand pairs of data files (every line a digits_a x digits_b multiplication), as `pair_keys`."""
+    from icot.data.reader import iter_examples
+
+    questions = []
+    for path in files:
+        for line_number, example in iter_examples(path):
+            if multiplication_shape(example.question) != (digits_a, digits_b):
+                raise UserError(f"{path}:{line_number}: --exclude: not a {digits_a}x{digits_b}-digit "
+                                f"multiplication: {example.question[:80]!r}")
+            questions.append(example.question)
+    return set(pair_keys(*digits_from_inputs(questions, digits_a, digits_b))) if questions else set()
 
 
 def _sample_by_index(rng: np.random.Generator, digits_a: int, digits_b: int, count: int):
@@ -247,14 +275,16 @@ def write_lines(path: Path, a_digits: np.ndarray, b_digits: np.ndarray, layout: 
 
 
 def generate_splits(out: Path, digits_a: int, digits_b: int, sizes: dict[str, int], seed: int,
-                    format: str = "txt", layout: str = "paper") -> dict[str, Path]:
-    """Write `<out>/<split>.txt` for each split with a non-zero size; splits never share a pair.
+                    format: str = "txt", layout: str = "paper", exclude=()) -> dict[str, Path]:
+    """Write `<out>/<split>.txt` for each split with a non-zero size; splits never share a pair, nor any
+    pair of the `exclude` files (an official validation or test set the training data must not hold).
 
     A zero-size split writes no file and removes a stale one, so the folder matches one run. With
     format="datasets", a `datasets.DatasetDict` of the same lines is also saved to `<out>/dataset`.
     """
+    excluded = excluded_pairs(exclude, digits_a, digits_b)
     out.mkdir(parents=True, exist_ok=True)
-    a_digits, b_digits = sample_pairs(digits_a, digits_b, sum(sizes.values()), seed)
+    a_digits, b_digits = sample_pairs(digits_a, digits_b, sum(sizes.values()), seed, excluded)
     written, start = {}, 0
     for split, size in sizes.items():
         path = out / f"{split}.txt"
@@ -292,8 +322,13 @@ def layout_label(layout: str) -> str:
 
 
 def generate_splits_cli(digits=None, digits_a=None, digits_b=None, train=808000, valid=1000, test=1000,
-                        seed=0, out="data/mult", format="txt", layout="paper") -> None:
+                        seed=0, out="data/mult", format="txt", layout="paper", exclude=()) -> None:
     """`icot data multiply`: check the options, generate, print a short summary."""
+    # Fire hands over `a,b` as a tuple or as one string, depending on what the paths look like.
+    exclude = [p for p in exclude.split(",") if p] if isinstance(exclude, str) else list(exclude)
+    for path in exclude:
+        if not Path(str(path)).is_file():
+            raise UserError(f"--exclude: no such data file {path}")
     digits_a, digits_b = _operand_lengths(digits, digits_a, digits_b)
     sizes = {name: _whole_number(name, value, minimum=0)
              for name, value in zip(SPLITS, (train, valid, test))}
@@ -308,9 +343,10 @@ def generate_splits_cli(digits=None, digits_a=None, digits_b=None, train=808000,
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
     started = time.perf_counter()
-    written = generate_splits(out, digits_a, digits_b, sizes, seed, format, layout)
+    written = generate_splits(out, digits_a, digits_b, sizes, seed, format, layout, exclude=exclude)
     elapsed = time.perf_counter() - started
-    print(f"{digits_a}x{digits_b}-digit multiplication{layout_label(layout)}, seed {seed} -> {out}")
+    print(f"{digits_a}x{digits_b}-digit multiplication{layout_label(layout)}, seed {seed} -> {out}"
+          + (f", no pair of {', '.join(map(str, exclude))}" if exclude else ""))
     for split, path in written.items():
         print(f"  {path.name:<10} {sizes[split]:>9} lines")
     if format == "datasets":

@@ -16,7 +16,7 @@ from pathlib import Path
 from icot.errors import UserError
 
 QUESTION_SEPARATOR = "||"
-ANSWER_SEPARATOR = "####"
+ANSWER_MARKER = "####"   # before the answer, in data lines and in every sequence view
 COLUMNS = ("question", "cot", "answer")
 # Bad lines kept with their problem for reporting; beyond this only the count grows.
 MAX_RECORDED_BAD_LINES = 100
@@ -51,8 +51,8 @@ class Example:
 def normalize_answer(text: str) -> str:
     """The answer as compared for exact match: after the first `####` if there is one, stripped, and
     without commas (GSM8K writes 1,000 as often as 1000)."""
-    if ANSWER_SEPARATOR in text:
-        text = text.split(ANSWER_SEPARATOR, 1)[1]
+    if ANSWER_MARKER in text:
+        text = text.split(ANSWER_MARKER, 1)[1]
     return _clean_answer(text)
 
 
@@ -65,14 +65,14 @@ def parse_line(text: str) -> Example:
     if QUESTION_SEPARATOR not in text:
         raise LineFormatError(f"no '{QUESTION_SEPARATOR}' between the question and the CoT")
     question, target = text.split(QUESTION_SEPARATOR, 1)
-    if ANSWER_SEPARATOR not in target:
-        raise LineFormatError(f"no '{ANSWER_SEPARATOR}' before the answer")
-    cot, answer = target.split(ANSWER_SEPARATOR, 1)
+    if ANSWER_MARKER not in target:
+        raise LineFormatError(f"no '{ANSWER_MARKER}' before the answer")
+    cot, answer = target.split(ANSWER_MARKER, 1)
     question, answer = question.strip(), _clean_answer(answer)
     if not question:
         raise LineFormatError("empty question")
     if not answer:
-        raise LineFormatError(f"empty answer after '{ANSWER_SEPARATOR}'")
+        raise LineFormatError(f"empty answer after '{ANSWER_MARKER}'")
     return Example(question, cot.strip(), answer)
 
 

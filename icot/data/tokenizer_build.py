@@ -1,4 +1,4 @@
-"""Tokenizers for models trained from scratch, built locally from data files.
+"""Tokenizers: built locally from data files for models trained from scratch, and loaded from folders.
 
 Two kinds, both saved as folders that `transformers.AutoTokenizer.from_pretrained` loads with
 `<|endoftext|>` as EOS (also BOS and pad), which the sequence format uses as its only separator:
@@ -21,13 +21,13 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+from icot.data.reader import ANSWER_MARKER
 from icot.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|endoftext|>"
 UNK_TOKEN = "<unk>"
-ANSWER_MARKER = "####"
 TOKENIZER_KINDS = ("word", "sentencepiece")
 # Room for the reserved tokens and a few words.
 MIN_VOCAB_SIZE = 8
@@ -43,6 +43,22 @@ SENTENCEPIECE_SPECIAL_PIECES = (UNK_TOKEN, EOS_TOKEN, ANSWER_MARKER)
 SENTENCEPIECE_MAX_SENTENCES = 1_000_000
 # How many segments the built sentencepiece tokenizer is compared on against the `sentencepiece` processor.
 CONVERSION_CHECK_SEGMENTS = 200
+
+
+def load_tokenizer(folder: str | os.PathLike, what: str):
+    """The tokenizer saved in a local folder; `what` names where the folder came from (a config key, an
+    export) in errors. Its EOS token is the separator of the sequence format, so it must have one."""
+    from transformers import AutoTokenizer
+
+    if not Path(folder).is_dir():
+        raise UserError(f"{what}: {folder} is not a local folder")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{what}: cannot load a tokenizer from {folder} ({str(err).splitlines()[0]})") from None
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"{what}: the tokenizer in {folder} has no EOS token, which icot uses as the separator")
+    return tokenizer
 
 
 def build_tokenizer(files: Sequence[str | os.PathLike], kind: str = "word", out: str | os.PathLike | None = None,

@@ -19,11 +19,11 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from icot.data.reader import ANSWER_MARKER
 from icot.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-ANSWER_MARKER = "####"
 COT_VIEW_SEPARATORS = 3
 NOCOT_VIEW_SEPARATORS = 2
 OVERLENGTH_POLICIES = ("drop", "error")

@@ -9,6 +9,8 @@ from icot.errors import UserError
 from icot.models.emulator import Emulator
 from icot.models.student import Student
 
+PARTS = ("student", "emulator")   # a CoupledModel's components: its attributes and its export's folders
+
 
 def check_compatible(**components: nn.Module) -> None:
     """Teacher, student and emulator must share depth and width: one state per layer, of width H."""

@@ -1,4 +1,5 @@
-"""Greedy decoding for the three modes, batched with left padding, through Hugging Face `generate`.
+"""Greedy decoding, batched with left padding: the modes' loops through Hugging Face `generate`, and a
+lean loop that calls the model directly (`lean_greedy`).
 
 - no-CoT: a plain decoder answers after the prompt and stops at the first EOS;
 - explicit CoT: the teacher writes the CoT, a separator and the answer: it stops after two EOS;
@@ -10,6 +11,7 @@ collective).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -89,3 +91,32 @@ def generate_implicit(model: CoupledModel, batch, separator_id: int, max_new_tok
                             position_ids=batch.get("position_ids")).states
     with model.student.injection(states, batch["first_sep"], prompt_pass_only=True):
         return greedy_decode(model.student.decoder, batch, separator_id, 1, max_new_tokens, synced)
+
+
+@torch.no_grad()
+def lean_greedy(decoder, batch: dict[str, torch.Tensor], new_tokens: int, separator_id: int,
+                prefill_context=None) -> torch.Tensor:
+    """`new_tokens` greedy tokens per row of a left-padded prompt batch with a KV cache, calling the model
+    directly (no `generate` and its per-step overhead). `separator_id` is never emitted (so every row
+    runs to `new_tokens`, as `icot bench` needs); `prefill_context` wraps the prompt pass only (e.g. an
+    injection of states)."""
+    from transformers import DynamicCache
+
+    mask, positions = batch["attention_mask"], batch["position_ids"]
+    cache = DynamicCache(config=decoder.config)
+    with prefill_context if prefill_context is not None else contextlib.nullcontext():
+        out = decoder(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, cache=cache,
+                      use_cache=True, logits_to_keep=1)
+    tokens = []
+    ones = mask.new_ones((mask.size(0), 1))
+    for step in range(new_tokens):
+        logits = out.logits[:, -1]
+        logits[:, separator_id] = float("-inf")
+        token = logits.argmax(dim=-1, keepdim=True)
+        tokens.append(token)
+        if step == new_tokens - 1:
+            break
+        mask = torch.cat((mask, ones), dim=1)
+        positions = positions[:, -1:] + 1
+        out = decoder(input_ids=token, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+    return torch.cat(tokens, dim=1)

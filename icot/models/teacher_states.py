@@ -2,7 +2,7 @@
 
 For layer l (0..L-1) the position is t_l between the first separator s1 and the second s2:
 - dynamic delta (default): t_l = round(s1 + l (s2 - s1) / (L - 1)), per example;
-- fixed delta k: t_l = min(s1 + l k, s2); `first_column` is k = 0.
+- fixed delta k: t_l = min(s1 + l k, s2); k = 0 reads s1 at every layer.
 Each state is LayerNorm(h_l[t_l]) without affine parameters, where h_l is the input of block l
 (h_0 is the embedding output; the final norm's output is never used).
 """
@@ -15,24 +15,7 @@ import torch.nn.functional as F
 from icot.errors import UserError
 from icot.models.decoder import decoder_blocks, edit_block_inputs, gather_rows
 
-Delta = str | int  # "dynamic" or a fixed integer step (0 == first column)
-
-
-def parse_delta(value: str | int) -> Delta:
-    """'dynamic', 'first_column' (== 0) or a non-negative integer."""
-    if isinstance(value, int):
-        delta = value
-    elif value == "dynamic":
-        return "dynamic"
-    elif value == "first_column":
-        delta = 0
-    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        delta = int(value)
-    else:
-        raise UserError(f"method.delta: expected 'dynamic', 'first_column' or an integer, got {value!r}")
-    if delta < 0:
-        raise UserError(f"method.delta: must be >= 0, got {delta}")
-    return delta
+Delta = str | int  # "dynamic" or a fixed integer step (0 reads the first separator at every layer)
 
 
 def diagonal_positions(first_sep: torch.Tensor, second_sep: torch.Tensor, num_layers: int,

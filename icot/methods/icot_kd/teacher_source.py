@@ -1,7 +1,7 @@
-"""The frozen teacher's diagonal states for the mind-reading and emulation stages.
+"""The frozen teacher's diagonal states for the stages that read the teacher.
 
 By default they are computed on the fly for every batch, as in the paper. With
-`method.teacher_state_cache: true` they are computed once over the training set and stored beside the
+`icot_kd.teacher_state_cache: true` they are computed once over the training set and stored beside the
 teacher (`<teacher>/state_cache/<key>.pt`, key = the tokenized data, the delta and the teacher), so the
 two stages that read them share one pass of the teacher and each step runs the trained model only.
 Validation batches are always computed on the fly.
@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 from pathlib import Path
 
 import torch
 
-from icot.data.collate import examples_at
+from icot.data.collate import examples_at, rank_batches
 from icot.models.decoder import decoder_shape
 from icot.models.io import load_component
-from icot.models.teacher_states import diagonal_positions, parse_delta, teacher_states
-from icot.stages.base import unwrap
+from icot.models.teacher_states import diagonal_positions, teacher_states
+from icot.stage import unwrap
 
 CACHE_FOLDER = "state_cache"
 
@@ -34,8 +33,8 @@ class TeacherSource:
         self.stage = stage
         self.strategy = stage.strategy
         self.folder = stage.inputs()["teacher"]
-        self.export = self.folder / "export"
-        self.delta = parse_delta(stage.config.method.delta)
+        self.export = stage.input_export("teacher")
+        self.delta = stage.config.icot_kd.delta
         teacher = self.strategy.load_pretrained(lambda: load_component(self.export, expect="decoder"),
                                                 self.strategy.frozen_ds_config)
         self.num_layers, self.hidden_size = decoder_shape(teacher)
@@ -66,7 +65,7 @@ class TeacherSource:
     def attach_cache(self, train_set):
         """With `method.teacher_state_cache`, the cache for `train_set` and the set with a `row`
         column (so batches carry their indices into the cache); else `train_set` unchanged."""
-        if not self.stage.config.method.teacher_state_cache:
+        if not self.stage.config.icot_kd.teacher_state_cache:
             return train_set
         self.build_cache(train_set, self.strategy.micro_batch_size)
         return train_set.add_column("row", list(range(len(train_set))))
@@ -105,11 +104,8 @@ class TeacherSource:
     def _compute_shard(self, train_set, batch_size: int) -> torch.Tensor:
         """States of this rank's examples (rank, rank + world, ...). Every rank runs the same number of
         teacher passes, as ZeRO-3 needs: a rank with no rows left runs one that is discarded."""
-        rank, world, n = self.strategy.rank, self.strategy.world_size, len(train_set)
-        mine = list(range(rank, n, world))
         chunks = []
-        for b in range(math.ceil(math.ceil(n / world) / batch_size)):
-            rows = mine[b * batch_size:(b + 1) * batch_size]
+        for rows in rank_batches(len(train_set), batch_size, self.strategy.rank, self.strategy.world_size):
             states, _ = self.compute(self.stage.collate_view(examples_at(train_set, rows or [0]), "cot"))
             if rows:
                 chunks.append(states.cpu())

@@ -2,13 +2,10 @@
 Trained: the decoder, dropout on. Frozen: nothing. Loss: cross-entropy on CoT and answer."""
 
 from icot.models.generation import generate_explicit
-from icot.stages.base import Stage, lm_metrics, unwrap
-from icot.stages.common import fresh_decoder
+from icot.stage import Stage, fresh_decoder, lm_metrics, unwrap
 
 
 class TeacherStage(Stage):
-    name = "teacher"
-    views = ("cot",)
     generation_target = "cot"
 
     def build(self):

@@ -4,22 +4,19 @@ Trained: the student (decoder + MLPs), dropout off. Frozen: the teacher. Loss: a
 
 import torch
 
+from icot.methods.icot_kd.teacher_source import TeacherSource
 from icot.models.coupled import check_compatible
 from icot.models.generation import greedy_decode
 from icot.models.student import Student
-from icot.stages.base import Stage, lm_metrics, unwrap
-from icot.stages.common import fresh_decoder, prepare_decoder
-from icot.stages.teacher_source import TeacherSource
+from icot.stage import Stage, fresh_decoder, lm_metrics, prepare_decoder, unwrap
 
 
 class MindReadingStage(Stage):
-    name = "mind_reading"
-    views = ("cot", "nocot")
     generation_target = "nocot"
 
     def build(self):
         self.teacher = TeacherSource(self)
-        if self.config.method.init_from_teacher:
+        if self.config.icot_kd.init_from_teacher:
             decoder = prepare_decoder(self.teacher.load_decoder_copy(), self.config, dropout=0.0)
         else:
             decoder = fresh_decoder(self.config, self.tokenizer, dropout=0.0, strategy=self.strategy)
@@ -27,6 +24,12 @@ class MindReadingStage(Stage):
         check_compatible(teacher=self.teacher.model, student=student)
         self.teacher.prepare()
         return student
+
+    @classmethod
+    def work_per_step(cls, config, tokens):
+        # The student trains on the without-CoT view; the teacher reads the with-CoT view forward only.
+        teacher = 0 if config.icot_kd.teacher_state_cache else tokens["cot"]
+        return config.train.batch_size * (3 * tokens["nocot"] + teacher)
 
     def prepare_train_set(self, train_set):
         return self.teacher.attach_cache(train_set)

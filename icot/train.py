@@ -6,55 +6,45 @@ import json
 import time
 from pathlib import Path
 
-from icot.config import STAGES, Paths, StageConfig, load_resolved, load_stage_config, save_resolved
+from icot import registry
+from icot.config import Paths, StageConfig, config_help, load_resolved, load_stage_config, save_resolved
 from icot.errors import UserError
-
-
-def stage_class(name: str):
-    from icot.stages.coupling import CouplingStage
-    from icot.stages.emulation import EmulationStage
-    from icot.stages.mind_reading import MindReadingStage
-    from icot.stages.no_cot import NoCotStage
-    from icot.stages.teacher import TeacherStage
-
-    classes = {cls.name: cls for cls in (TeacherStage, NoCotStage, MindReadingStage, EmulationStage, CouplingStage)}
-    if name not in classes:
-        raise UserError(f"unknown stage {name!r}; choose one of {', '.join(STAGES)}")
-    return classes[name]
+from icot.stage import DONE_MARKER, PREEMPTED_MARKER
 
 
 def run_stage(name: str, overrides: list[str]) -> str:
-    """Train stage `name` from a recipe and overrides; returns 'done', 'preempted' or 'skipped'.
+    """Train stage `name` from a recipe and overrides; returns 'done', 'preempted' or 'skipped'
+    ('help' for `--help`, which prints every key of the stage's config).
 
     Everything that can be wrong with the input (config, earlier stages, data, shapes) is checked
     before the stage folder is written, so a failed start loses nothing.
     """
     from icot.loop import StopRequest
-    from icot.stages.common import DONE_MARKER
 
-    cls = stage_class(name)
+    spec = registry.get_stage(name)
+    if "--help" in overrides or "-h" in overrides:
+        print(config_help(spec.name))
+        return "help"
     recipe, rest = split_recipe(overrides)
-    config = load_stage_config(name, recipe, rest)
+    config = load_stage_config(spec.name, recipe, rest)
     paths = Paths.of(config)
     if (paths.root / DONE_MARKER).exists():
         print(f"[icot {name}] {paths.root} is already complete; nothing to do")
         return "skipped"
 
     with StopRequest() as stop:
-        return train_stage(cls, config, paths, stop)
+        return train_stage(spec.load(), config, paths, stop)
 
 
 def train_stage(cls, config: StageConfig, paths: Paths, stop) -> str:
     from icot.engine import Strategy
     from icot.loop import Trainer, seed_everything
-    from icot.stages.common import DONE_MARKER, PREEMPTED_MARKER, input_folders, load_split, load_tokenizer
+    from icot.stage import input_exports, input_folders, load_split, stage_tokenizer
 
-    name = config.stage
     process_started = time.time()
     strategy = Strategy(config.train).init_distributed()
-    inputs = input_folders(config)
-    fallback = next((folder / "export" for folder in inputs.values()), None)
-    tokenizer = load_tokenizer(config, fallback)
+    inputs, exports = input_folders(config), input_exports(config)
+    tokenizer = stage_tokenizer(config)
     stage = cls(config, strategy, tokenizer)
     train_set = load_split(config, tokenizer, "train")
     if train_set is None:
@@ -72,13 +62,9 @@ def train_stage(cls, config: StageConfig, paths: Paths, stop) -> str:
     trainer.setup(model)
     status = trainer.train(stop)
     if status == "done":
-        state_dict = strategy.state_dict_for_export(trainer.engine)
+        trainer.export_final()
         if strategy.is_main:
-            stage.export(trainer.engine, state_dict, paths.export)
-            tokenizer.save_pretrained(paths.export if name != "coupling" else paths.export / "student")
-            if name == "coupling":
-                tokenizer.save_pretrained(paths.export / "emulator")
-            write_manifest(paths, config, inputs, trainer, time.time() - started, process_started)
+            write_manifest(paths, config, inputs, exports, trainer, time.time() - started, process_started)
             (paths.root / PREEMPTED_MARKER).unlink(missing_ok=True)
             (paths.root / DONE_MARKER).write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
     elif strategy.is_main:
@@ -119,11 +105,20 @@ def write_stage_files(config: StageConfig, strategy, paths: Paths) -> None:
     paths.ds_config.write_text(json.dumps(strategy.ds_config, indent=2) + "\n")
 
 
-def write_manifest(paths: Paths, config: StageConfig, inputs: dict[str, Path], trainer, seconds: float,
-                   started_at: float) -> None:
+def write_manifest(paths: Paths, config: StageConfig, inputs: dict[str, Path], exports: dict[str, tuple[Path, dict]],
+                   trainer, seconds: float, started_at: float) -> None:
+    from icot.exports import read_index
+
+    spec = registry.get_stage(config.stage)
     manifest = {
         "stage": config.stage,
-        "inputs": {name: str(folder.resolve()) for name, folder in inputs.items()},
+        "method": spec.method,
+        # earlier stage -> its folder, and which of its exports was read (`inputs.<role>.export`).
+        "inputs": {spec.reads[role]: str(folder.resolve()) for role, folder in inputs.items()},
+        "input_exports": {spec.reads[role]: {"role": role, "choice": str(config.inputs.__dict__[role].export),
+                                             "path": str(folder.resolve()), "step": entry.get("step"),
+                                             "epoch": entry.get("epoch")}
+                          for role, (folder, entry) in exports.items()},
         "data": {split: getattr(config.data, split) for split in ("train", "valid", "test")},
         "tokenizer": config.model.tokenizer or config.model.name_or_path,
         "steps": trainer.progress.step,
@@ -133,7 +128,8 @@ def write_manifest(paths: Paths, config: StageConfig, inputs: dict[str, Path], t
         "started_at": round(started_at, 1),    # this run's process, set-up included (epoch seconds)
         "finished_at": round(time.time(), 1),
         "world_size": trainer.strategy.world_size,
-        "validation": getattr(trainer, "last_validation", None),
+        "validation": trainer.last_validation,
         "export": str(paths.export.resolve()),
+        "exports": read_index(paths.root),
     }
     paths.manifest.write_text(json.dumps(manifest, indent=2) + "\n")

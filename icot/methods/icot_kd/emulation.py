@@ -2,30 +2,32 @@
 Trained: the emulator (decoder + MLPs, mixture, LSTM, attention). Frozen: the teacher.
 Loss: sum over layers and dimensions of squared error / 2 (+ mixture cross-entropy for `token`)."""
 
+from icot.methods.icot_kd.teacher_source import TeacherSource
 from icot.models.coupled import check_compatible
 from icot.models.emulator import Emulator
-from icot.stages.base import Stage, unwrap
-from icot.stages.common import fresh_decoder, prepare_decoder
-from icot.stages.teacher_source import TeacherSource
+from icot.stage import Stage, fresh_decoder, prepare_decoder, unwrap
 
 
 class EmulationStage(Stage):
-    name = "emulation"
-    views = ("cot", "prompt")
-
     def build(self):
-        method = self.config.method
+        options = self.config.icot_kd
         self.teacher = TeacherSource(self)
-        if method.init_from_teacher:
+        if options.init_from_teacher:
             decoder = prepare_decoder(self.teacher.load_decoder_copy(), self.config, dropout=0.0)
         else:
             decoder = fresh_decoder(self.config, self.tokenizer, dropout=0.0, strategy=self.strategy)
         # `token`: one component per vocabulary token, supervised by the CoT token at t_l.
-        mixture_size = len(self.tokenizer) if method.mixture == "token" else 1
-        emulator = Emulator(decoder, mixture_size=mixture_size, temperature=method.mixture_temperature)
+        mixture_size = len(self.tokenizer) if options.mixture == "token" else 1
+        emulator = Emulator(decoder, mixture_size=mixture_size, temperature=options.mixture_temperature)
         check_compatible(teacher=self.teacher.model, emulator=emulator)
         self.teacher.prepare()
         return emulator
+
+    @classmethod
+    def work_per_step(cls, config, tokens):
+        # The emulator reads the prompt; the teacher reads the with-CoT view forward only.
+        teacher = 0 if config.icot_kd.teacher_state_cache else tokens["cot"]
+        return config.train.batch_size * (3 * tokens["prompt"] + teacher)
 
     def prepare_train_set(self, train_set):
         return self.teacher.attach_cache(train_set)
@@ -36,7 +38,7 @@ class EmulationStage(Stage):
         emulator = unwrap(model)
         targets = cot["input_ids"].gather(1, positions) if emulator.mixture_size > 1 else None
         output = model(prompt["input_ids"], prompt["attention_mask"], prompt["first_sep"], mixture_targets=targets)
-        return emulator.loss(output, states, targets, self.config.method.mixture_loss_weight)
+        return emulator.loss(output, states, targets, self.config.icot_kd.mixture_loss_weight)
 
     def export_extra(self):
         return {"stage": self.name, "delta": self.teacher.delta}

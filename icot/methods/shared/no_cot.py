@@ -2,13 +2,10 @@
 Trained: the decoder. Frozen: nothing. Loss: cross-entropy on the answer."""
 
 from icot.models.generation import generate_no_cot
-from icot.stages.base import Stage, lm_metrics, unwrap
-from icot.stages.common import fresh_decoder
+from icot.stage import Stage, fresh_decoder, lm_metrics, unwrap
 
 
 class NoCotStage(Stage):
-    name = "no_cot"
-    views = ("nocot",)
     generation_target = "nocot"
 
     def build(self):

@@ -1,0 +1,5 @@
+"""The built-in methods, one folder each; importing this registers them (see `icot.registry`). The
+shared stages come first: the others read them."""
+
+from icot.methods import shared  # noqa: F401, I001  (registration on import, in this order)
+from icot.methods import icot_kd  # noqa: F401

@@ -1,0 +1,131 @@
+"""The results of a run: every mode evaluated on the test file, and `results.md`, `results.json` and
+`results.png` (accuracy against throughput, and the validation curves of the stages)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+from icot import registry
+
+
+@dataclass
+class StageRun:
+    name: str
+    steps: int
+    work: float = 0.0     # relative cost of the whole stage (see Stage.work_per_step); 0 where unknown
+    seconds: float = 0.0
+    skipped: bool = False
+    beside: bool = False  # ran beside the stages in sequence, with half the CPU threads
+
+
+def format_seconds(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def completed_stage(folder: Path) -> StageRun:
+    """A stage finished by an earlier invocation, as its manifest records it."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        manifest = {}
+    return StageRun(folder.name, int(manifest.get("steps", 0)), seconds=float(manifest.get("wall_seconds", 0.0)),
+                    skipped=True)
+
+
+def evaluate_all(run_dir: Path, modes: list[str], data: str, batch_size: int,
+                 max_examples: int | None) -> dict[str, dict]:
+    """Each mode on `data`, by the one harness, one after the other on this machine."""
+    from icot.evaluate import evaluate_mode
+
+    results = {}
+    for mode in modes:
+        print(f"[icot pipeline] evaluating {mode} on {data}", flush=True)
+        results[mode] = evaluate_mode(mode, run_dir, data, batch_sizes=(1, batch_size), max_examples=max_examples)
+    return results
+
+
+def machine_description() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
+    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+
+
+def mode_title(mode: str) -> str:
+    return registry.get_mode(mode)[0].title
+
+
+def write_results(run_dir: Path, stages: list[StageRun], evaluation: dict[str, dict], data: str,
+                  total_seconds: float) -> None:
+    results = {
+        "machine": machine_description(),
+        "test_data": data,
+        "modes": evaluation,
+        "stages": {s.name: {"steps": s.steps, "seconds": round(s.seconds, 1), "skipped": s.skipped, "beside": s.beside}
+                   for s in stages},
+        "wall_seconds": round(total_seconds, 1),
+    }
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = [f"# icot results: {run_dir}", "", f"Machine: {results['machine']}. Test data: `{data}`.", "",
+             "| mode | accuracy | token accuracy | examples/s (batch 1) | examples/s (batched) |",
+             "|---|---|---|---|---|"]
+    for mode, r in evaluation.items():
+        lines.append(f"| {mode_title(mode)} | {100 * r['accuracy']:.1f}% | {100 * r['token_accuracy']:.1f}% | "
+                     f"{r['examples_per_s_batch1']:.1f} | {r['examples_per_s_batched']:.1f} "
+                     f"(batch {r['batch_size']}) |")
+    lines += ["", "| stage | steps | wall time |", "|---|---|---|"]
+    for s in stages:
+        note = " (earlier run)" if s.skipped else " (beside the other stages, half the threads)" if s.beside else ""
+        lines.append(f"| {s.name} | {s.steps} | {format_seconds(s.seconds)}{note} |")
+    lines += ["", f"Total wall time of this invocation: {format_seconds(total_seconds)}.", ""]
+    (run_dir / "results.md").write_text("\n".join(lines))
+    plot_results(run_dir, stages, evaluation)
+
+
+def validation_curve(stage_folder: Path, tag: str = "valid/accuracy") -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    if not (stage_folder / "tb").is_dir():
+        return []
+    events = EventAccumulator(str(stage_folder / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    if tag not in events.Tags().get("scalars", []):
+        return []
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def plot_results(run_dir: Path, stages: list[StageRun], evaluation: dict[str, dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for mode, r in evaluation.items():
+        left.scatter(r["examples_per_s_batch1"], 100 * r["accuracy"], s=60, label=mode_title(mode))
+        left.annotate(f"{100 * r['accuracy']:.0f}%", (r["examples_per_s_batch1"], 100 * r["accuracy"]),
+                      textcoords="offset points", xytext=(6, 4))
+    left.set_xlabel("examples/s (batch 1)")
+    left.set_ylabel("test accuracy (%)")
+    left.set_ylim(-5, 105)
+    left.set_title("accuracy vs throughput")
+    left.legend(fontsize=8)
+    for s in stages:
+        curve = validation_curve(run_dir / s.name)
+        if curve:
+            steps, values = zip(*curve)
+            right.plot(steps, [100 * v for v in values], marker="o", label=s.name)
+    right.set_xlabel("optimizer step")
+    right.set_ylabel("validation accuracy (%)")
+    right.set_ylim(-5, 105)
+    right.set_title("validation accuracy during training")
+    right.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(run_dir / "results.png", dpi=110)
+    plt.close(figure)

@@ -1,0 +1,249 @@
+"""The contract between a stage and the one training loop, and what every stage shares.
+
+A stage names its models (which one is trained, which are frozen), its loss, how it generates for
+validation accuracy and what it exports. Its name, the views its batches hold and the earlier stages
+it reads come from its declaration in the registry (`icot.registry.StageSpec`). The loop does
+everything else. A stage that changes what it trains on as training goes (a curriculum) overrides
+`on_step` and keeps its schedule's state in `state_dict`, which every checkpoint carries.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from icot import registry
+from icot.config import Paths, StageConfig
+from icot.data.collate import IGNORE_INDEX, collate_generate, collate_train, to_device
+from icot.errors import UserError
+from icot.exports import select_export
+from icot.models.decoder import decoder_config, load_decoder, set_gradient_checkpointing
+from icot.models.io import save_component
+
+DONE_MARKER = "DONE"
+PREEMPTED_MARKER = "PREEMPTED"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside a DeepSpeed engine (or the module itself)."""
+    return getattr(model, "module", model)
+
+
+def lm_metrics(output, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Loss plus the counts behind token accuracy (greedy prediction of each labelled next token)."""
+    predicted = output.logits[:, :-1].argmax(dim=-1)
+    targets = labels[:, 1:]
+    labelled = targets != IGNORE_INDEX
+    return {"loss": output.loss,
+            "correct_tokens": (predicted.eq(targets) & labelled).sum(),
+            "label_tokens": labelled.sum()}
+
+
+class Stage(ABC):
+    generation_target: str | None = None  # "cot" or "nocot": the view whose continuation validation decodes
+
+    def __init__(self, config: StageConfig, strategy, tokenizer):
+        self.config = config
+        self.spec = registry.get_stage(config.stage)
+        self.strategy = strategy
+        self.tokenizer = tokenizer
+        self.separator_id = tokenizer.eos_token_id
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        return self.spec.views
+
+    # -- set up ----------------------------------------------------------------------------------
+    def inputs(self) -> dict[str, Path]:
+        """The earlier stage folders this stage reads, by role (recorded in the manifest)."""
+        return input_folders(self.config)
+
+    def input_export(self, role: str) -> Path:
+        """The export folder of input `role` that `inputs.<role>.export` picks."""
+        return input_exports(self.config)[role][0]
+
+    @abstractmethod
+    def build(self) -> nn.Module:
+        """Create the trained module (and prepare frozen ones through the strategy)."""
+
+    def prepare_train_set(self, train_set):
+        """Called once the model is built; may precompute what training needs per example."""
+        return train_set
+
+    @classmethod
+    def work_per_step(cls, config: StageConfig, tokens: dict[str, float]) -> float:
+        """Tokens through the decoders per optimizer step (a training pass counts three forwards), from
+        the mean tokens of each view; the pipeline's time estimate weighs stages by it."""
+        return config.train.batch_size * 3 * sum(tokens[view] for view in registry.get_stage(config.stage).views)
+
+    # -- train -----------------------------------------------------------------------------------
+    def on_step(self, step: int, epoch: int) -> dict[str, float]:
+        """Called before every optimizer step (`step` optimizer steps done, in epoch `epoch`, 0-based) on
+        every rank; returns scalars to log beside the loss. A schedule that changes the training data
+        lives here, its state in `state_dict`."""
+        return {}
+
+    def state_dict(self) -> dict:
+        """The schedule's state, saved in every checkpoint (identical on every rank)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned, on resume."""
+
+    def collate_view(self, features: Sequence[dict], view: str) -> dict[str, torch.Tensor]:
+        """The right-padded batch of one view, on the strategy's device."""
+        return to_device(collate_train(features, view, self.separator_id), self.strategy.device)
+
+    def collate(self, features: Sequence[dict]) -> dict:
+        """One batch per view (`collate_view`), plus `rows` (training-set indices) where the examples
+        carry a `row` column."""
+        batch = {view: self.collate_view(features, view) for view in self.views}
+        if features and "row" in features[0]:
+            batch["rows"] = torch.tensor([int(f["row"]) for f in features])
+        return batch
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        """{'loss': scalar, ...other scalars to log}; token counts for token accuracy if any."""
+
+    # -- validate --------------------------------------------------------------------------------
+    def generate(self, model: nn.Module, features: Sequence[dict], synced: bool) -> list[list[int]] | None:
+        """Generated ids per example for validation accuracy; None where the stage has no decoding."""
+        return None
+
+    def generation_batch(self, features: Sequence[dict]) -> tuple[dict[str, torch.Tensor], int]:
+        """A left-padded prompt batch and a length cap: the longest reference continuation + 4."""
+        longest = max(len(f[f"{self.generation_target}_ids"]) - int(f["prompt_len"]) for f in features)
+        return to_device(collate_generate(features, self.separator_id), self.strategy.device), longest + 4
+
+    # -- finish ----------------------------------------------------------------------------------
+    def export(self, model: nn.Module, state_dict: dict[str, torch.Tensor], folder: Path) -> None:
+        """Write the trained component(s) and the tokenizer into `folder` (on rank 0, from a full state
+        dict), as `transformers` and `icot.models.io.load_component` load them."""
+        save_component(unwrap(model), folder, state_dict=state_dict, extra=self.export_extra())
+        self.tokenizer.save_pretrained(folder)
+
+    def export_extra(self) -> dict:
+        return {"stage": self.name}
+
+
+# --------------------------------------------------------------------------------------------------
+# Earlier stages: folders and exports.
+
+
+def stage_folder(config: StageConfig, role: str) -> Path:
+    """The folder of the completed earlier stage read as `role` (`inputs.<role>.dir`, else its folder in
+    run_dir)."""
+    source = registry.get_stage(config.stage).reads[role]
+    override = config.inputs.__dict__[role].dir
+    folder = Path(override) if override else Paths.for_stage(config.run_dir, source).root
+    if not (folder / DONE_MARKER).exists():
+        raise UserError(f"stage {config.stage!r} needs a completed {source!r} stage ({role}), but {folder} has "
+                        f"no {DONE_MARKER} marker: run `icot train {source}` first or set --inputs.{role}.dir")
+    return folder
+
+
+def input_folders(config: StageConfig) -> dict[str, Path]:
+    """Every earlier stage folder this config's stage reads, by role."""
+    return {role: stage_folder(config, role) for role in registry.get_stage(config.stage).reads}
+
+
+def input_exports(config: StageConfig) -> dict[str, tuple[Path, dict]]:
+    """role -> (the export folder `inputs.<role>.export` picks, its entry in the stage's exports.json)."""
+    return {role: select_export(folder, config.inputs.__dict__[role].export, f"inputs.{role}.export")
+            for role, folder in input_folders(config).items()}
+
+
+def read_manifest(folder: Path) -> dict:
+    path = folder / "manifest.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing; is {folder} a completed icot stage folder?") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err})") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer, data, decoders.
+
+
+def stage_tokenizer(config: StageConfig):
+    """The tokenizer named by model.tokenizer, else model.name_or_path, else the export of the first
+    earlier stage."""
+    from icot.data.tokenizer_build import load_tokenizer
+
+    if config.model.tokenizer:
+        return load_tokenizer(config.model.tokenizer, "model.tokenizer")
+    if config.model.name_or_path:
+        return load_tokenizer(config.model.name_or_path, "model.name_or_path")
+    exports = input_exports(config)
+    if exports:
+        role, (folder, _) = next(iter(exports.items()))
+        return load_tokenizer(folder, f"the {role} export")
+    raise UserError("model.tokenizer: no tokenizer given (a local folder; `icot tokenizer build` makes one)")
+
+
+def load_split(config: StageConfig, tokenizer, split: str):
+    """The tokenized split (`train`, `valid` or `test`), or None when the recipe names no file."""
+    from icot.data.reader import load_examples
+    from icot.data.views import tokenize_dataset
+
+    path = getattr(config.data, split)
+    if path is None:
+        return None
+    examples = load_examples(path, skip_bad=config.data.skip_bad_lines, cache_dir=config.data.cache_dir)
+    limit = config.data.max_train_examples if split == "train" else config.data.max_eval_examples
+    if limit is not None and limit < len(examples):
+        examples = examples.select(range(limit))
+    tokenized = tokenize_dataset(examples, tokenizer, num_proc=config.data.num_proc,
+                                 max_length=config.data.max_length, cache_dir=config.data.cache_dir)
+    if len(tokenized) == 0:
+        raise UserError(f"{path}: no example fits data.max_length={config.data.max_length}")
+    return tokenized
+
+
+def fresh_decoder(config: StageConfig, tokenizer, dropout: float, strategy) -> nn.Module:
+    """A decoder from model.name_or_path (pretrained; loaded partitioned under ZeRO-3 through
+    `strategy`) or built from scratch from the model section."""
+    model = config.model
+    if model.name_or_path:
+        decoder = strategy.load_pretrained(lambda: load_decoder(model.name_or_path))
+    else:
+        from icot.models.decoder import build_decoder
+
+        decoder = build_decoder(decoder_config(
+            model.family, vocab_size=len(tokenizer), layers=model.layers, hidden=model.hidden,
+            heads=model.heads, max_positions=model.max_positions, dropout=dropout, kv_heads=model.kv_heads,
+            intermediate=model.intermediate, eos_token_id=tokenizer.eos_token_id))
+    return prepare_decoder(decoder, config, dropout)
+
+
+def prepare_decoder(decoder: nn.Module, config: StageConfig, dropout: float) -> nn.Module:
+    """Dropout as the stage wants it (on for the teacher only) and activation checkpointing if asked."""
+    set_dropout(decoder, dropout)
+    set_gradient_checkpointing(decoder, config.model.gradient_checkpointing)
+    return decoder
+
+
+def set_dropout(module: nn.Module, p: float) -> None:
+    """Every dropout of a decoder to `p`: nn.Dropout modules and the attention probability that
+    attention implementations read from a float attribute."""
+    for sub in module.modules():
+        if isinstance(sub, nn.Dropout):
+            sub.p = p
+        if isinstance(getattr(sub, "attention_dropout", None), float):
+            sub.attention_dropout = p
+    config = getattr(module, "config", None)
+    for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout"):
+        if config is not None and hasattr(config, key):
+            setattr(config, key, p)

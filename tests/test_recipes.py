@@ -1,0 +1,103 @@
+"""The shipped recipes: each resolves for every stage it trains, and the paper recipes say, setting by
+setting, what the reference README's commands say (da03/implicit_chain_of_thought, README.md).
+
+The README gives its commands for 4x4 multiplication with GPT-2 Small "as an example"; the other
+multiplication rows change the data folder and the model only. It gives no GSM8K commands; the GSM8K
+recipes are checked for what the paper and the scripts fix (fp32, the official test file, the token
+mixture).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from icot import registry
+from icot.config import load_methods, load_stage_config
+from icot.demo import RECIPES
+from icot.exports import ExportChoice
+
+# The reference README's commands, one entry per exported variable (section "Training", then
+# "Generation & Evaluation"), for 4x4 multiplication with GPT-2 Small.
+REFERENCE_COMMANDS = {
+    "teacher": {"EPOCHS": 1, "LR": 5e-5, "BSZ": 32},
+    "mind_reading": {"EPOCHS": 40, "LR": 5e-5, "BSZ": 32, "DELTA": "dynamic", "TEACHER": "checkpoint_0"},
+    "emulation": {"EPOCHS": 40, "LR": 5e-5, "BSZ": 32, "DELTA": "dynamic", "MIXTURE_SIZE": 1,
+                  "TEACHER": "checkpoint_0"},
+    "coupling": {"EPOCHS": 40, "LR": 5e-5, "BSZ": 32, "STUDENT": "checkpoint_6", "EMULATOR": "checkpoint_5"},
+    "generate": {"BSZ": 1, "test_path": "test_bigbench.txt"},
+}
+# What every reference training script fixes: `dtype = 'float32'`, torch AdamW with its defaults.
+REFERENCE_SCRIPTS = {"precision": "fp32", "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01}
+
+MULTIPLICATION = {   # recipe: (model folder, digits, whether the README names the coupled checkpoints)
+    "gpt2_small_4x4": ("gpt2", 4, True), "gpt2_small_5x5": ("gpt2", 5, False),
+    "gpt2_medium_4x4": ("gpt2-medium", 4, False), "gpt2_medium_5x5": ("gpt2-medium", 5, False),
+}
+GSM8K = {"gpt2_small_gsm8k": "gpt2", "gpt2_medium_gsm8k": "gpt2-medium"}
+
+
+def checkpoint_choice(name: str) -> ExportChoice:
+    """The reference's `checkpoint_<i>` (saved after epoch i, counted from 0) as an export choice."""
+    return ExportChoice("epoch", int(name.rsplit("_", 1)[1]) + 1)
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_resolves_for_every_stage_it_trains(recipe):
+    for spec in registry.plan(load_methods(str(recipe))):
+        assert load_stage_config(spec.name, str(recipe), []).stage == spec.name
+
+
+@pytest.mark.parametrize("name", sorted(MULTIPLICATION))
+def test_multiplication_recipes_follow_the_reference_commands(name):
+    model, digits, names_checkpoints = MULTIPLICATION[name]
+    recipe = str(RECIPES / f"{name}.yaml")
+    folder = f"data/{digits}_by_{digits}_mult"
+    configs = {stage: load_stage_config(stage, recipe) for stage in REFERENCE_COMMANDS if stage != "generate"}
+    for stage, settings in REFERENCE_COMMANDS.items():
+        if stage == "generate":
+            continue
+        config = configs[stage]
+        assert config.train.epochs == settings["EPOCHS"] and config.train.max_steps is None, (stage, "EPOCHS")
+        assert config.train.lr == settings["LR"], (stage, "LR")
+        assert config.train.batch_size == settings["BSZ"] and config.train.schedule == "constant", (stage, "BSZ")
+        assert config.model.name_or_path == f"models/{model}", (stage, "MODEL")
+        for key, value in REFERENCE_SCRIPTS.items():
+            assert getattr(config.train, key) == value, (stage, key)
+        assert config.train.grad_clip == 0.0, stage   # the paper-era runs; the header names the reference's 1.0
+        assert (config.data.train, config.data.valid) == (f"{folder}/train.txt", f"{folder}/valid.txt"), stage
+        if "DELTA" in settings:
+            assert config.icot_kd.delta == settings["DELTA"], (stage, "DELTA")
+        if "MIXTURE_SIZE" in settings:
+            assert config.icot_kd.mixture == "none", (stage, "MIXTURE_SIZE 1")
+        if "TEACHER" in settings:   # checkpoint_0 of a one-epoch teacher is its final export
+            assert checkpoint_choice(settings["TEACHER"]) == ExportChoice("epoch", configs["teacher"].train.epochs)
+            assert config.inputs.teacher.export == ExportChoice("last"), stage
+    coupling = configs["coupling"]
+    for role, stage, variable in (("student", "mind_reading", "STUDENT"), ("emulator", "emulation", "EMULATOR")):
+        choice = coupling.inputs.__dict__[role].export
+        if names_checkpoints:
+            wanted = checkpoint_choice(REFERENCE_COMMANDS["coupling"][variable])
+            assert choice == wanted, (role, variable)
+            assert wanted.number in configs[stage].train.export_epochs, (stage, "exports that epoch")
+        else:
+            assert choice == ExportChoice("last"), role
+    assert coupling.data.test == f"{folder}/{REFERENCE_COMMANDS['generate']['test_path']}"
+    text = Path(recipe).read_text()
+    assert f"--exclude {folder}/valid.txt,{folder}/test_bigbench.txt" in text   # generated training data
+    assert "train.grad_clip=1.0" in text and "train.precision=bf16" in text   # both choices documented
+
+
+@pytest.mark.parametrize("name", sorted(GSM8K))
+def test_gsm8k_recipes_keep_the_papers_settings(name):
+    recipe = str(RECIPES / f"{name}.yaml")
+    for spec in registry.plan(load_methods(recipe)):
+        config = load_stage_config(spec.name, recipe)
+        for key, value in REFERENCE_SCRIPTS.items():
+            assert getattr(config.train, key) == value, (spec.name, key)
+        assert config.train.lr == 5e-5 and config.train.batch_size == 32 and config.train.grad_clip == 0.0
+        assert config.model.name_or_path == f"models/{GSM8K[name]}"
+        assert config.data.test == "data/gsm8k/test.txt"
+        if spec.method == "icot_kd":
+            assert (config.icot_kd.mixture, config.icot_kd.freeze) == ("token", "student")

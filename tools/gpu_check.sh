@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# The GPU check: one script for a lent accelerator, sized for 8 minutes on one H100/H200-class card.
+#
+#   tools/gpu_check.sh [OUT]                  everything it writes goes under OUT (default: gpu_check)
+#   ICOT_CHECK_SHORT=1 tools/gpu_check.sh OUT the same steps at tiny shapes and a few steps, on any machine
+#                                             (tests/test_gpu_check.py runs it on the CPU)
+#
+# 1. The device: nvidia-smi and what torch sees (OUT/device.txt).
+# 2. icot bench at GPT-2 Small shapes (12 x 768, GPT-2's vocabulary) on 4x4 and 5x5 multiplication:
+#    absolute examples/s of every mode at batch 1 and batched, the ratios, and the training step against
+#    a hand-written loop (OUT/bench.json, OUT/bench.txt).
+# 3. A GPT-2-Small-shaped pipeline from scratch on generated 4x4 multiplication: bf16, ZeRO-2, activation
+#    checkpointing, STEPS optimizer steps a stage, then the evaluation of every mode (OUT/run/results.*).
+# OUT/summary.md gathers the device, the bench table and the results table, for docs/BENCHMARKS.md.
+#
+# Run from anywhere; icot need not be installed: the repository root goes on PYTHONPATH. On a machine
+# that lacks icot's requirements (deepspeed, datasets, fire, ...), put their wheels in .whl/ (see the
+# device tool's README): they are installed into /tmp/site first. Each step has a time limit, so one
+# that hangs still leaves the others' results. ICOT_CHECK_STEPS and ICOT_CHECK_EVAL (test examples)
+# change the full run's size.
+set -uo pipefail
+
+OUT=${1:-gpu_check}
+SHORT=${ICOT_CHECK_SHORT:-0}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT" || exit 2
+PYTHON=${PYTHON:-python3}
+command -v "$PYTHON" >/dev/null || PYTHON=python
+
+if [[ -d .whl ]] && compgen -G ".whl/*.whl" >/dev/null; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl || { echo "gpu_check: installing .whl/ failed" >&2; exit 2; }
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+
+if [[ $SHORT == 1 ]]; then
+    BENCH=(--layers 2 --hidden 32 --heads 2 --vocab 0 --examples 4 --batch_size 2 --repeats 1 --train_batch 4
+           --train_steps 1 --train_warmup 1 --tiny_layers 1 --tiny_hidden 16 --threads 1)
+    SHAPE="layers: 2, hidden: 32, heads: 2"
+    STEPS=4 TRAIN=256 EVAL=8 LIMIT=600
+else
+    BENCH=(--examples 16 --batch_size 16 --repeats 3 --train_batch 8 --train_steps 5 --train_warmup 2)
+    SHAPE="layers: 12, hidden: 768, heads: 12"
+    STEPS=${ICOT_CHECK_STEPS:-300} TRAIN=20000 EVAL=${ICOT_CHECK_EVAL:-100} LIMIT=240
+fi
+status=0
+step() {   # step NAME LIMIT COMMAND...: run with a time limit, log to OUT/NAME.log, remember a failure
+    local name=$1 limit=$2
+    shift 2
+    echo "[gpu_check] $name ($(date +%T), limit ${limit}s)"
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    ((rc == 0)) || { echo "[gpu_check] $name failed (exit $rc); see $OUT/$name.log"; status=1; }
+    return $rc
+}
+
+# 1. The device.
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
+    "$PYTHON" -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
+          torch.cuda.get_device_name(0) if torch.cuda.is_available() else "(CPU)")'
+} >"$OUT/device.txt" 2>&1
+cat "$OUT/device.txt"
+
+# 2. The benchmark at GPT-2 Small shapes (tiny ones when short).
+step bench "$LIMIT" "$PYTHON" -m icot bench --task 4x4,5x5 "${BENCH[@]}" --out "$OUT/bench.json" &&
+    "$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))["table"])' "$OUT/bench.json" >"$OUT/bench.txt"
+
+# 3. A GPT-2-Small-shaped pipeline: bf16, ZeRO-2, activation checkpointing.
+DATA=$OUT/data
+cat >"$OUT/recipe.yaml" <<EOF
+# tools/gpu_check.sh: GPT-2 Small's shape from scratch on 4x4 multiplication, a smoke run of every stage.
+run_dir: $OUT/run
+model: {family: gpt2, $SHAPE, max_positions: 128, tokenizer: $DATA/tokenizer, gradient_checkpointing: true}
+data: {train: $DATA/train.txt, valid: $DATA/valid.txt, test: $DATA/test.txt, max_length: 128}
+train: {lr: 3.0e-4, batch_size: 32, schedule: cosine, warmup_steps: 20, grad_clip: 1.0, precision: bf16,
+        zero_stage: 2, max_steps: $STEPS, eval_examples: 32, log_every: 50}
+icot_kd: {init_from_teacher: true, teacher_state_cache: true}
+EOF
+step data 120 "$PYTHON" -m icot data multiply --digits 4 --train "$TRAIN" --valid 64 --test "$EVAL" --seed 0 \
+    --out "$DATA" &&
+    step tokenizer 120 "$PYTHON" -m icot tokenizer build "$DATA/train.txt" --kind word --out "$DATA/tokenizer" &&
+    step pipeline $((LIMIT * 2)) "$PYTHON" -m icot pipeline --config "$OUT/recipe.yaml" --eval_batch_size 16
+
+{
+    echo "# GPU check ($(date -u +%FT%TZ), $([[ $SHORT == 1 ]] && echo short || echo full))"
+    echo
+    echo '```'
+    cat "$OUT/device.txt"
+    echo '```'
+    echo
+    echo "## icot bench (GPT-2 Small shapes$([[ $SHORT == 1 ]] && echo ', shortened to tiny ones'))"
+    echo '```'
+    cat "$OUT/bench.txt" 2>/dev/null || echo "(no bench result: see bench.log)"
+    echo '```'
+    echo
+    echo "## Pipeline ($SHAPE; bf16, ZeRO-2, activation checkpointing, $STEPS steps a stage)"
+    cat "$OUT/run/results.md" 2>/dev/null || echo "(no pipeline result: see pipeline.log)"
+} >"$OUT/summary.md"
+cat "$OUT/summary.md"
+exit "$status"
