@@ -109,7 +109,7 @@ def build_task(name: str, examples: int, seed: int = 0) -> Task:
     tokenizer = build_from_segments([s for e in parsed for s in (e.question, e.cot, e.answer)], kind="word")
     encoded = encode_batch(tokenizer, [e.question for e in parsed], [e.cot for e in parsed],
                            [e.answer for e in parsed])
-    features = [{"cot_ids": c, "nocot_ids": n, "prompt_len": p, "answer": e.answer}
+    features = [{"cot_ids": c, "nocot_ids": n, "prompt_len": p, "answer": e.answer, "line": None}
                 for c, n, p, e in zip(encoded["cot_ids"], encoded["nocot_ids"], encoded["prompt_len"], parsed)]
     task = Task(name, digits_a, digits_b, tokenizer, features, tokenizer.eos_token_id)
     lengths = {(len(f["cot_ids"]), len(f["nocot_ids"]), f["prompt_len"]) for f in features}

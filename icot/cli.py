@@ -50,11 +50,15 @@ class DataCommands:
 class TokenizerCommands:
     """Tokenizers for models trained from scratch."""
 
-    def build(self, *files, kind="word", out="tokenizer", vocab_size=8000):
-        """Build a word-level (`kind=word`) or sentencepiece (`kind=sentencepiece`) tokenizer."""
+    def build(self, *files, kind="word", out="tokenizer", vocab_size=8000, cover=()):
+        """Build a word-level (`kind=word`) or sentencepiece (`kind=sentencepiece`) tokenizer.
+
+        --cover FILE[,FILE] (word kind): every word of these files (a validation or test split) is in the
+        vocabulary too, after the words of FILE..., whose ids do not depend on them.
+        """
         from icot.data.tokenizer_build import build_tokenizer_cli
 
-        build_tokenizer_cli(list(files), kind=kind, out=out, vocab_size=vocab_size)
+        build_tokenizer_cli(list(files), kind=kind, out=out, vocab_size=vocab_size, cover=cover)
 
 
 def stage_list() -> str:
@@ -129,3 +133,6 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as err:
         print(f"icot: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:   # a stage interrupted by Ctrl-C checkpoints and exits 0 by itself
+        print("icot: interrupted", file=sys.stderr)
+        sys.exit(130)

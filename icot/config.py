@@ -36,10 +36,11 @@ from icot.errors import UserError
 from icot.exports import LAST, ExportChoice
 
 
-def option(default=MISSING, *, help: str, factory=None, minimum=None, check=None):
-    """A config field: its help text, and what the loader checks beyond the type (a lower bound, a check
-    function returning a problem or None)."""
-    meta = {"help": help, "minimum": minimum, "check": check}
+def option(default=MISSING, *, help: str, factory=None, minimum=None, check=None, resumable: bool = False):
+    """A config field: its help text, what the loader checks beyond the type (a lower bound, a check
+    function returning a problem or None), and whether a run may resume with another value (`resumable`:
+    it changes neither shapes nor data order, e.g. the learning rate; every other change is refused)."""
+    meta = {"help": help, "minimum": minimum, "check": check, "resumable": resumable}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -70,66 +71,72 @@ class ModelConfig:
     intermediate: Optional[int] = option(None, minimum=1, help="MLP width (llama-family, from scratch); "
                                                                "null: 4 x model.hidden")
     max_positions: int = option(512, minimum=1, help="position embeddings (from scratch)")
-    dropout: float = option(0.0, minimum=0.0, help="dropout probability; stages that train with dropout off "
-                                                   "(all but the teacher) ignore it")
+    dropout: float = option(0.0, minimum=0.0, resumable=True,
+                            help="dropout probability; stages that train with dropout off (all but the teacher) ignore it")
     tokenizer: Optional[str] = option(None, help="a local tokenizer folder; null: model.name_or_path, else the "
                                                  "export of the first stage this one reads")
-    gradient_checkpointing: bool = option(False, help="activation checkpointing over the decoder blocks")
+    gradient_checkpointing: bool = option(False, resumable=True, help="activation checkpointing over the decoder blocks")
 
 
 @dataclass
 class DataConfig:
     train: Optional[str] = option(None, help="training file of INPUT||COT #### ANSWER lines")
-    valid: Optional[str] = option(None, help="validation file (loss, token accuracy and decoded accuracy "
-                                             "during training); null: no validation")
-    test: Optional[str] = option(None, help="test file, evaluated by icot pipeline after the stages")
+    valid: Optional[str] = option(None, resumable=True, help="validation file (loss, token accuracy and decoded "
+                                                             "accuracy during training); null: no validation")
+    test: Optional[str] = option(None, resumable=True, help="test file, evaluated by icot pipeline after the stages")
     max_train_examples: Optional[int] = option(None, minimum=0, help="use the first N training lines only")
-    max_eval_examples: Optional[int] = option(None, minimum=0, help="use the first N validation lines only")
-    max_length: int = option(1024, minimum=1, help="drop examples whose with-CoT view has more tokens")
-    num_proc: int = option(1, minimum=1, help="processes for tokenization")
-    skip_bad_lines: bool = option(False, help="skip malformed lines (counted in a warning) instead of stopping "
-                                              "at the first with file:line")
-    cache_dir: Optional[str] = option(None, help="folder for the tokenized-data cache; null: beside the "
-                                                 "dataset's own cache files")
+    max_eval_examples: Optional[int] = option(None, minimum=0, resumable=True,
+                                              help="use the first N validation lines only")
+    max_length: int = option(1024, minimum=1, help="longest with-CoT view (tokens) an example may have; the "
+                                                   "model's positions bound it too (see data.overlength)")
+    overlength: Literal["drop", "error"] = option(
+        "drop", help="an example longer than data.max_length or the model's positions: drop it (counted in a "
+                     "warning) or stop with its file:line")
+    num_proc: int = option(1, minimum=1, resumable=True, help="processes for tokenization")
+    skip_bad_lines: bool = option(False, help="skip malformed lines and lines with words the tokenizer does not "
+                                              "know (counted in a warning) instead of stopping at the first with "
+                                              "file:line")
+    cache_dir: Optional[str] = option(None, resumable=True, help="folder for the tokenized-data cache; null: "
+                                                                 "beside the dataset's own cache files")
 
 
 @dataclass
 class TrainConfig:
-    lr: float = option(5e-5, minimum=0.0, help="AdamW learning rate (the peak value under a schedule)")
-    weight_decay: float = option(0.01, minimum=0.0, help="AdamW weight decay, on every parameter "
+    lr: float = option(5e-5, resumable=True, minimum=0.0, help="AdamW learning rate (the peak value under a schedule)")
+    weight_decay: float = option(0.01, resumable=True, minimum=0.0, help="AdamW weight decay, on every parameter "
                                                          "(torch AdamW's default, as in the paper's runs)")
-    betas: list[float] = option(factory=lambda: [0.9, 0.999], check=_check_betas, help="AdamW betas")
-    eps: float = option(1e-8, minimum=0.0, help="AdamW epsilon")
+    betas: list[float] = option(resumable=True, factory=lambda: [0.9, 0.999], check=_check_betas, help="AdamW betas")
+    eps: float = option(1e-8, resumable=True, minimum=0.0, help="AdamW epsilon")
     batch_size: int = option(32, minimum=1, help="global batch: micro batch x gradient accumulation x world size")
-    micro_batch_size: Optional[int] = option(None, minimum=1, help="examples per rank and forward; null: "
+    micro_batch_size: Optional[int] = option(None, resumable=True, minimum=1, help="examples per rank and forward; null: "
                                                                    "train.batch_size / world size (no accumulation)")
-    epochs: float = option(1.0, minimum=0.0, help="passes over the training set (fractions allowed); "
+    epochs: float = option(1.0, resumable=True, minimum=0.0, help="passes over the training set (fractions allowed); "
                                                   "train.max_steps wins when set")
-    max_steps: Optional[int] = option(None, minimum=0, help="optimizer steps; null: train.epochs x steps per epoch")
-    schedule: Literal["constant", "linear", "cosine"] = option("constant", help="learning-rate schedule after warmup")
-    warmup_steps: int = option(0, minimum=0, help="linear warmup steps")
-    grad_clip: float = option(0.0, minimum=0.0, help="clip the global gradient norm to this; 0 = off (the "
+    max_steps: Optional[int] = option(None, resumable=True, minimum=0, help="optimizer steps; null: train.epochs x steps per epoch")
+    schedule: Literal["constant", "linear", "cosine"] = option("constant", resumable=True, help="learning-rate schedule after warmup")
+    warmup_steps: int = option(0, resumable=True, minimum=0, help="linear warmup steps")
+    grad_clip: float = option(0.0, resumable=True, minimum=0.0, help="clip the global gradient norm to this; 0 = off (the "
                                                      "paper-era runs clipped nothing; the reference code now "
                                                      "clips at 1.0)")
     precision: Literal["fp32", "bf16", "fp16"] = option("fp32", help="training precision (the paper: fp32)")
     zero_stage: Literal[0, 1, 2, 3] = option(0, help="DeepSpeed ZeRO stage")
     offload: bool = option(False, help="offload optimizer state (ZeRO 2-3) and parameters (ZeRO 3) to the CPU")
     seed: int = option(42, help="seed of the initial weights, the data order and dropout")
-    log_every: int = option(10, minimum=1, help="optimizer steps between log lines and TensorBoard points")
-    eval_every: int = option(0, minimum=0, help="optimizer steps between validations; 0: at the end only")
-    eval_examples: int = option(256, minimum=0, help="validation examples decoded for accuracy at each validation")
-    save_every: int = option(0, minimum=0, help="optimizer steps between checkpoints; 0: at the end and on "
+    log_every: int = option(10, resumable=True, minimum=1, help="optimizer steps between log lines and TensorBoard points")
+    eval_every: int = option(0, resumable=True, minimum=0, help="optimizer steps between validations; 0: at the end only")
+    eval_examples: int = option(256, resumable=True, minimum=0, help="validation examples decoded for accuracy at each validation")
+    save_every: int = option(0, resumable=True, minimum=0, help="optimizer steps between checkpoints; 0: at the end and on "
                                                 "a stop signal only")
-    keep_last: int = option(2, minimum=1, help="checkpoints kept in <stage>/ckpt")
-    export_each_epoch: bool = option(False, help="also export after every epoch, into <stage>/exports/epoch<N> "
+    keep_last: int = option(2, resumable=True, minimum=1, help="checkpoints kept in <stage>/ckpt")
+    export_each_epoch: bool = option(False, resumable=True, help="also export after every epoch, into <stage>/exports/epoch<N> "
                                                  "(validated there), so a later stage can read 'epoch N' or 'best'")
-    export_epochs: list[int] = option(factory=list, help="also export after these epochs (counted from 1), "
+    export_epochs: list[int] = option(resumable=True, factory=list, help="also export after these epochs (counted from 1), "
                                                          "into <stage>/exports/epoch<N>; e.g. 6,7")
-    export_every: int = option(0, minimum=0, help="also export every N optimizer steps, into "
+    export_every: int = option(0, resumable=True, minimum=0, help="also export every N optimizer steps, into "
                                                   "<stage>/exports/step<N>; 0: off")
-    resume: str = option("auto", help="auto: from the newest complete checkpoint in <stage>/ckpt; never: from "
+    resume: str = option("auto", resumable=True, help="auto: from the newest complete checkpoint in <stage>/ckpt; never: from "
                                       "step 0; or a checkpoint folder")
-    ds_config: Optional[str] = option(None, help="a DeepSpeed JSON file to start from (e.g. ds_configs/*.json); "
+    ds_config: Optional[str] = option(None, resumable=True, help="a DeepSpeed JSON file to start from (e.g. ds_configs/*.json); "
                                                  "icot fills and checks the keys it owns")
 
 
@@ -145,7 +152,7 @@ class StageConfig:
     """The sections every stage has; `config_class(stage)` adds its inputs and its method's section."""
 
     stage: str
-    run_dir: str = option("runs/icot", help="the run folder: each stage writes <run_dir>/<stage>/")
+    run_dir: str = option("runs/icot", resumable=True, help="the run folder: each stage writes <run_dir>/<stage>/")
     model: ModelConfig = section(ModelConfig, "the decoder")
     data: DataConfig = section(DataConfig, "data files and tokenization")
     train: TrainConfig = section(TrainConfig, "optimisation, DeepSpeed, logging and checkpoints")
@@ -717,7 +724,8 @@ def describe_keys(cls, prefix: str = "") -> list[tuple[str, str, str, str]]:
         default = config_to_dict(getattr(defaults, name))
         shown = ("null" if default is None else str(default).lower() if isinstance(default, bool)
                  else ",".join(map(str, default)) if isinstance(default, list) else str(default))
-        rows.append((prefix + name, type_name(tp), shown, f.metadata.get("help", "")))
+        text = f.metadata.get("help", "") + ("; may change when a run resumes" if f.metadata.get("resumable") else "")
+        rows.append((prefix + name, type_name(tp), shown, text))
     return rows
 
 

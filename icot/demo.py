@@ -86,7 +86,10 @@ def run_demo(out: Path, recipe: str, data: DemoData, overrides: list[str],
         # Written last: its presence means the splits are complete.
         settings_file.write_text(json.dumps(asdict(data), indent=1) + "\n")
     if not (tokenizer_dir / "tokenizer.json").exists():
-        build_tokenizer([data_dir / "train.txt"], kind="word", out=tokenizer_dir)
+        # The vocabulary comes from the training split; the few numbers it may lack are appended from the
+        # others, which would otherwise be unknown words (an error).
+        build_tokenizer([data_dir / "train.txt"], kind="word", out=tokenizer_dir,
+                        cover=[data_dir / "valid.txt", data_dir / "test.txt"])
     paths = [f"--run_dir={out / 'run'}", f"--data.train={data_dir / 'train.txt'}",
              f"--data.valid={data_dir / 'valid.txt'}", f"--data.test={data_dir / 'test.txt'}",
              f"--model.tokenizer={tokenizer_dir}"]

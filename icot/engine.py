@@ -69,10 +69,11 @@ def batch_triple(train: TrainConfig, world_size: int) -> tuple[int, int, int]:
 
 
 def build_ds_config(train: TrainConfig, world_size: int, template: str | Path | dict | None = None,
-                    frozen: bool = False) -> dict:
+                    frozen: bool = False, cpu: bool = False) -> dict:
     """The DeepSpeed config of one engine. `frozen`: an engine without optimizer for a frozen model
     (partitioned only when training uses ZeRO-3). `template` (default: the file `train.ds_config` names,
-    for trainable engines) is the starting point; see the module docstring."""
+    for trainable engines) is the starting point; see the module docstring. `cpu`: the engine runs on
+    the CPU, where icot asks for torch's AdamW (see below)."""
     if template is None and train.ds_config and not frozen:
         template = train.ds_config
     if isinstance(template, dict):
@@ -99,8 +100,17 @@ def build_ds_config(train: TrainConfig, world_size: int, template: str | Path | 
             own.default("zero_optimization.offload_param", dict(CPU_OFFLOAD))
     own("bf16.enabled", train.precision == "bf16", "train.precision")
     own("fp16.enabled", train.precision == "fp16", "train.precision")
+    if not frozen and stage in (1, 2):
+        # Optimizer partitions saved world-size independent: a run resumes on another number of ranks.
+        own.default("zero_optimization.elastic_checkpoint", True)
     if not frozen:
         own("optimizer.type", "AdamW", "icot (AdamW)")
+        if cpu and not train.offload:
+            # DeepSpeed's fused CPU Adam keeps running powers of the betas inside the kernel and recomputes
+            # them with pow() after a resume: 1-2 ULP apart, so a resumed run drifts from an uninterrupted
+            # one. torch's AdamW computes them from the step each time: resumes are bitwise.
+            own.default("optimizer.params.torch_adam", True)
+            own.default("optimizer.params.foreach", True)   # torch's multi-tensor AdamW: a third faster on a CPU
         own("optimizer.params.lr", train.lr, "train.lr")
         own("optimizer.params.betas", list(train.betas), "train.betas")
         own("optimizer.params.eps", train.eps, "train.eps")
@@ -288,8 +298,8 @@ class Strategy:
             deepspeed.init_distributed(dist_backend="gloo" if use_cpu() else "nccl", verbose=False)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.ds_config = build_ds_config(self.train, self.world_size)
-        self.frozen_ds_config = build_ds_config(self.train, self.world_size, frozen=True)
+        self.ds_config = build_ds_config(self.train, self.world_size, cpu=use_cpu())
+        self.frozen_ds_config = build_ds_config(self.train, self.world_size, frozen=True, cpu=use_cpu())
         return self
 
     @property
@@ -471,6 +481,17 @@ class Strategy:
     def current_lr(self, engine) -> float:
         """The learning rate the next optimizer step will use."""
         return float(engine.get_lr()[0])
+
+    def apply_optimizer_settings(self, engine) -> None:
+        """After a resume: this run's lr, betas, eps and weight decay (a checkpoint restores its own) and
+        its schedule from the restored step on (the LR scheduler's state holds the step and the old lr)."""
+        scheduler = engine.lr_scheduler
+        for index, group in enumerate(engine.optimizer.param_groups):
+            group.update(initial_lr=self.train.lr, betas=tuple(self.train.betas), eps=self.train.eps,
+                         weight_decay=self.train.weight_decay)
+            group["lr"] = self.train.lr * scheduler.lr_lambdas[index](scheduler.last_epoch)
+        scheduler.base_lrs = [self.train.lr] * len(scheduler.base_lrs)
+        scheduler._last_lr = [group["lr"] for group in engine.optimizer.param_groups]
 
     # -- checkpoints and export ------------------------------------------------------------------
 

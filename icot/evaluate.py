@@ -177,7 +177,19 @@ def load_eval_set(data_path: str | os.PathLike, tokenizer, max_examples: int | N
         if max_examples < 1:
             raise UserError(f"max_examples must be at least 1, got {max_examples}")
         examples = examples.select(range(min(max_examples, len(examples))))
-    return tokenize_dataset(examples, tokenizer).to_list()
+    return tokenize_dataset(examples, tokenizer, on_unknown="error", source=str(data_path)).to_list()
+
+
+def check_fits(features: Sequence[dict], model: torch.nn.Module, view: str, source) -> None:
+    """Every example's `view` must fit the model's positions (the teacher-forced pass reads all of it)."""
+    from icot.data.reader import DataFormatError
+    from icot.models.decoder import position_limit
+
+    limit = position_limit(model)
+    for feature in features:
+        if limit is not None and len(feature[f"{view}_ids"]) > limit:
+            raise DataFormatError(source, feature.get("line"), f"the {view} view has {len(feature[f'{view}_ids'])} "
+                                                               f"tokens, more than the model's {limit} positions")
 
 
 def continuation_length(feature: dict, view: str) -> int:
@@ -190,14 +202,11 @@ def default_max_new_tokens(features: Sequence[dict], view: str) -> int:
     return max(continuation_length(f, view) for f in features) + MAX_NEW_TOKENS_MARGIN
 
 
-def position_limit(decoder: torch.nn.Module) -> int | None:
-    config = decoder.config
-    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-
-
 def fit_positions(decoder: torch.nn.Module, features: Sequence[dict], max_new_tokens: int, given: bool) -> int:
     """`max_new_tokens`, lowered to what the model's positions leave after the longest prompt when it was
     derived from the data; a value given by the user that does not fit is an error."""
+    from icot.models.decoder import position_limit
+
     limit = position_limit(decoder)
     longest = max(int(f["prompt_len"]) for f in features)
     if limit is None or longest + max_new_tokens <= limit:
@@ -396,6 +405,7 @@ def evaluate_mode(mode: str, folder_or_run: str | os.PathLike, data_path: str | 
     device = _default_device(strategy)
     mode_model = load_mode_model(mode, folder_or_run, device)
     features = load_eval_set(data_path, mode_model.tokenizer, max_examples)
+    check_fits(features, mode_model.model, mode_model.view, data_path)
     result = evaluate_loaded(mode_model, features, batch_sizes, strategy, max_new_tokens=max_new_tokens,
                              warmup=warmup, return_predictions=return_predictions, device=device)
     result["data"] = str(data_path)
@@ -435,6 +445,23 @@ def eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice); on a "
                                                     "busy CPU, 1 is often much faster for small models")
     return parser
+
+
+def check_output_file(path: Path, what: str) -> None:
+    """`path` can be written as a file: not a folder, its folder creatable and writable."""
+    if path.is_dir():
+        raise UserError(f"{what}: {path} is a folder; name a file, e.g. {path / 'eval.json'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            with open(path, "a"):   # writable, left as it is
+                pass
+        else:
+            probe = path.with_name(f".{path.name}.icot-write-test")
+            probe.write_text("")
+            probe.unlink()
+    except OSError as err:
+        raise UserError(f"{what}: cannot write {path} ({err.strerror})") from None
 
 
 def write_tensorboard(folder: str | os.PathLike, result: dict, step: int = 0) -> None:
@@ -480,6 +507,8 @@ def evaluate_cli(overrides: list[str]) -> None:
                             f"(icot train {stage}) or pass --model")
     if not Path(args.data).is_file():
         raise UserError(f"--data: {args.data}: no such data file")
+    if args.out:   # checked now, not after the whole evaluation
+        check_output_file(Path(args.out), "--out")
     sizes = (args.batch_size,) if args.skip_batch1 else (1, args.batch_size)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -497,7 +526,6 @@ def evaluate_cli(overrides: list[str]) -> None:
         text = json.dumps(result, indent=2)
         print(text)
         if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(text + "\n")
         if args.tb:
             write_tensorboard(args.tb, result, args.step)

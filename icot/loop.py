@@ -13,8 +13,8 @@ import hashlib
 import math
 import os
 import random
-import shutil
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,13 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from icot.config import Paths, StageConfig
+from icot import checkpoints
+from icot.config import Paths, StageConfig, save_resolved
 from icot.data.collate import examples_at, rank_batches
 from icot.errors import UserError
 from icot.exports import INTERMEDIATE_FOLDER, intermediate_name, record_export
 from icot.stage import Stage
-
-CHECKPOINT_PREFIX = "step"
 
 
 class TrainingDiverged(UserError):
@@ -43,20 +42,25 @@ class Progress:
 
 
 class StopRequest:
-    """SIGTERM / SIGUSR1 (SLURM preemption) ask for a checkpoint and a clean exit at the next step.
-    Installed before the slow set-up (data, engines, resume), so an early signal is not lost."""
+    """SIGTERM / SIGUSR1 (SLURM preemption) and Ctrl-C (SIGINT) ask for a checkpoint and a clean exit at
+    the next step; a second Ctrl-C aborts at once. Installed before the slow set-up (data, engines,
+    resume), so an early signal is not lost."""
 
     def __init__(self):
         self.requested = False
         self.previous = {}
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             self.previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
         self.requested = True
+        if signum == signal.SIGINT:
+            print("\n[icot] Ctrl-C: checkpointing at the next step, then exiting (Ctrl-C again aborts)",
+                  file=sys.stderr, flush=True)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
@@ -95,12 +99,19 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python's, NumPy's and torch's generator states as tensors and numbers, so that a checkpoint's RNG
+    file loads with `torch.load(weights_only=True)`, which runs no code from the file."""
+    version, words, gauss = random.getstate()
+    _, keys, position, has_gauss, cached = np.random.get_state()
+    return {"python": torch.tensor(words, dtype=torch.int64), "python_version": version, "python_gauss": gauss,
+            "numpy": torch.from_numpy(keys.astype(np.int64)), "numpy_position": int(position),
+            "numpy_has_gauss": int(has_gauss), "numpy_gauss": float(cached), "torch": torch.get_rng_state()}
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    random.setstate((state["python_version"], tuple(state["python"].tolist()), state["python_gauss"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_position"],
+                         state["numpy_has_gauss"], state["numpy_gauss"]))
     torch.set_rng_state(state["torch"])
 
 
@@ -113,41 +124,52 @@ class Trainer:
         self.micro = strategy.micro_batch_size
         self.accumulation = strategy.gradient_accumulation
         self.progress = Progress()
+        self.config_changes: list[dict] = []   # settings a resumed run changed, step by step (the manifest's)
+        self.saved_step: int | None = None      # the step of this run's newest checkpoint
         self.last_validation: dict[str, float] | None = None
         self.writer = None
         self._epoch_order: tuple[int, np.ndarray] | None = None   # (epoch, batch_order): one permutation per epoch
 
     # -- set up ----------------------------------------------------------------------------------
-    def setup(self, model: torch.nn.Module) -> None:
+    def setup(self, model: torch.nn.Module, plan) -> None:
+        """The engine, then the checkpoint `plan` names (an `icot.resume.ResumePlan`), then TensorBoard."""
         self.engine = self.strategy.prepare_trainable(model, total_steps=self.steps)
-        self.resume()
+        for line in plan.describe():
+            self.log(line)
+        if plan.checkpoint is not None:
+            self.resume(plan)
         if self.strategy.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
+            writable(self.paths.tb, "the TensorBoard folder")
             # One writer, fixed folder; purge_step drops events an interrupted run wrote past its checkpoint
             # (all of them when this run starts from step 0).
             self.writer = SummaryWriter(str(self.paths.tb), purge_step=self.progress.step + 1)
 
-    def resume(self) -> bool:
-        mode = self.train_cfg.resume
-        if mode == "never":
-            return False
-        folder = self.paths.ckpt if mode == "auto" else Path(mode)
-        tag = latest_tag(folder, self.strategy.world_size)
-        if tag is None:
-            if mode != "auto":
-                raise UserError(f"train.resume: no complete checkpoint for {self.strategy.world_size} rank(s) "
-                                f"found in {folder}")
-            if latest_tag(folder, 1) is not None:
-                self.log(f"no checkpoint in {folder} is complete for {self.strategy.world_size} ranks; "
-                         f"starting from step 0")
-            return False
-        client_state = self.strategy.load_checkpoint(self.engine, folder, tag)
+    def resume(self, plan) -> None:
+        checkpoint = plan.checkpoint
+        client_state = self.strategy.load_checkpoint(self.engine, checkpoint.path.parent, checkpoint.path.name)
         self.progress = Progress(**client_state["progress"])
         self.stage.load_state_dict(client_state.get("stage", {}))
-        set_rng_state(torch.load(folder / tag / f"rng_rank{self.strategy.rank}.pt", weights_only=False))
-        self.log(f"resumed from {folder / tag} at step {self.progress.step}")
-        return True
+        self.config_changes = client_state.get("config_changes", [])
+        if plan.changes:
+            self.config_changes.append({"step": self.progress.step, "changes": {
+                key: [old, new] for key, (old, new) in plan.changes.items()}})
+        self.strategy.apply_optimizer_settings(self.engine)
+        rank, world = self.strategy.rank, self.strategy.world_size
+        rng = checkpoint.path / checkpoints.rng_file(rank)
+        try:
+            set_rng_state(torch.load(rng, weights_only=True))
+        except FileNotFoundError:   # a rank the checkpoint's smaller run did not have
+            seed_everything(self.train_cfg.seed + rank + 1_000_003 * self.progress.step)
+            self.log(f"rank {rank}: no RNG state in {checkpoint.path} (written by {checkpoint.world_size} rank(s)); "
+                     f"seeded from the seed, the rank and the step")
+        except Exception:   # an RNG file of an older icot, pickled with numpy objects: not loaded unsafely
+            seed_everything(self.train_cfg.seed + rank + 1_000_003 * self.progress.step)
+            self.log(f"{rng}: not a tensor-only RNG state (written by an older icot?); seeded from the seed, the "
+                     f"rank and the step instead")
+        where = "" if checkpoint.world_size == world else f", written by {checkpoint.world_size} rank(s), on {world}"
+        self.log(f"resumed from {checkpoint.path} at step {self.progress.step}{where}")
 
     # -- train -----------------------------------------------------------------------------------
     def train(self, stop: StopRequest) -> str:
@@ -276,20 +298,23 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
-        """On all ranks (DeepSpeed's save is a collective); keeps the last train.keep_last."""
-        tag = f"{CHECKPOINT_PREFIX}{self.progress.step:08d}"
-        folder = self.paths.ckpt
+        """On all ranks (DeepSpeed's save is a collective), then the run's config and, last, the marker
+        that makes it count (icot.checkpoints); keeps the newest train.keep_last by step."""
+        step = self.progress.step
+        folder, tag = self.paths.ckpt, checkpoints.tag_of(step)
         stage_state = self.stage.state_dict()
         self.check_same_on_every_rank(stage_state)
-        self.strategy.save_checkpoint(self.engine, folder, tag,
-                                      client_state={"progress": asdict(self.progress), "stage": stage_state})
+        client_state = {"progress": asdict(self.progress), "stage": stage_state, "config_changes": self.config_changes}
+        self.strategy.save_checkpoint(self.engine, folder, tag, client_state=client_state)
+        self.saved_step = step
         (folder / tag).mkdir(parents=True, exist_ok=True)
-        torch.save(rng_state(), folder / tag / f"rng_rank{self.strategy.rank}.pt")
+        checkpoints.save_atomic(rng_state(), folder / tag / checkpoints.rng_file(self.strategy.rank))
         self.strategy.barrier()
         if self.strategy.is_main:
-            tags = sorted(p.name for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir())
-            for old in tags[: -self.train_cfg.keep_last]:
-                shutil.rmtree(folder / old, ignore_errors=True)
+            save_resolved(self.config, folder / tag / checkpoints.CONFIG)
+            checkpoints.write_marker(folder / tag, step, self.strategy.world_size, self.train_cfg.zero_stage)
+            for path in checkpoints.retain(folder, self.train_cfg.keep_last, folder / tag):
+                self.log(f"removed checkpoint {path}")
         self.strategy.barrier()
 
     def check_same_on_every_rank(self, stage_state: dict) -> None:
@@ -322,9 +347,13 @@ class Trainer:
         state_dict = self.strategy.state_dict_for_export(self.engine)
         if self.strategy.is_main:
             step = self.progress.step
-            self.stage.export(self.engine, state_dict, folder)
-            record_export(self.paths.root, {"name": name, "path": str(folder.relative_to(self.paths.root)),
-                                            "step": step, "epoch": self.epoch_at(step), "validation": validation})
+            try:
+                self.stage.export(self.engine, state_dict, folder)
+                record_export(self.paths.root, {"name": name, "path": str(folder.relative_to(self.paths.root)),
+                                                "step": step, "epoch": self.epoch_at(step), "validation": validation})
+            except OSError as err:
+                raise UserError(f"cannot write the export {folder} ({err.strerror}); the checkpoint of step "
+                                f"{self.saved_step} is kept: make the folder writable and rerun to export") from None
             self.log(f"exported {folder} (step {step})")
         self.strategy.barrier()
 
@@ -346,13 +375,13 @@ class Trainer:
             self.writer.close()
 
 
-def latest_tag(folder: Path, world_size: int = 1) -> str | None:
-    """The newest checkpoint tag in `folder` complete for `world_size` ranks: each of ranks 0..world_size-1
-    wrote its RNG file, which a rank does only after its part of DeepSpeed's save has finished."""
-    if not folder.is_dir():
-        return None
-    tags = sorted((p for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()), reverse=True)
-    for tag in tags:
-        if all((tag / f"rng_rank{rank}.pt").is_file() for rank in range(world_size)):
-            return tag.name
-    return None
+def writable(folder: Path, what: str) -> None:
+    """Create `folder` and check that a file can be written in it: a one-line error otherwise, before the
+    work that would be lost."""
+    probe = folder / ".icot-write-test"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"{what}: cannot write {folder} ({err.strerror})") from None

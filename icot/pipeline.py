@@ -138,7 +138,7 @@ def run_stages(recipe: str | None, overrides: list[str], stages: list[str],
         progress.announce(done_in_sequence, f"{label}: {run.steps} steps")
         started = time.time()
         try:
-            returncode = subprocess.run(command, env=environment).returncode
+            returncode = run_child(command, environment, run.name)
             run.seconds = time.time() - started
             _check_stage_ended(run, config, returncode)
         except BaseException:   # a failed stage or Ctrl-C: the stages beside it stop too
@@ -153,6 +153,22 @@ def run_stages(recipe: str | None, overrides: list[str], stages: list[str],
         _check_stage_ended(run, configs[runs.index(run)], returncode)
     progress.announce(done_in_sequence, "all stages complete")
     return runs
+
+
+def run_child(command: list[str], environment: dict | None, name: str) -> int:
+    """Run one stage process to its end. On Ctrl-C (which reaches the stage too: it checkpoints at its next
+    step) wait for it to exit instead of killing it, as `subprocess.run` would, then stop the pipeline."""
+    process = subprocess.Popen(command, env=environment)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        print(f"\n[icot pipeline] Ctrl-C: waiting for {name} to checkpoint and exit (Ctrl-C again aborts it)",
+              file=sys.stderr, flush=True)
+        try:
+            process.wait()
+        except KeyboardInterrupt:
+            process.kill()
+        raise
 
 
 def _stop(background: list[tuple[StageRun, subprocess.Popen, float]]) -> None:

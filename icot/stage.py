@@ -9,7 +9,6 @@ everything else. A stage that changes what it trains on as training goes (a curr
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Sequence
@@ -163,14 +162,21 @@ def input_exports(config: StageConfig) -> dict[str, tuple[Path, dict]]:
             for role, folder in input_folders(config).items()}
 
 
-def read_manifest(folder: Path) -> dict:
-    path = folder / "manifest.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: missing; is {folder} a completed icot stage folder?") from None
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: not valid JSON ({err})") from None
+def check_input_tokenizers(tokenizer, exports: dict[str, tuple[Path, dict]]) -> None:
+    """Every earlier export this stage reads must have been trained with this stage's tokenizer: the
+    same shape (vocabulary size) with other ids would train on the wrong tokens without a word."""
+    from icot.data.tokenizer_build import load_tokenizer
+    from icot.data.views import describe_tokenizer, tokenizer_definition
+
+    mine = tokenizer_definition(tokenizer)
+    for role, (folder, _) in exports.items():
+        if not (folder / "tokenizer_config.json").is_file():
+            continue   # a plain pretrained folder without a tokenizer
+        theirs = load_tokenizer(folder, f"inputs.{role}")
+        if tokenizer_definition(theirs) != mine:
+            raise UserError(f"inputs.{role}: {folder} was trained with another tokenizer "
+                            f"({describe_tokenizer(theirs)}) than this stage's ({describe_tokenizer(tokenizer)}): "
+                            f"their token ids differ; point model.tokenizer at the one it was trained with")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -205,11 +211,25 @@ def load_split(config: StageConfig, tokenizer, split: str):
     limit = config.data.max_train_examples if split == "train" else config.data.max_eval_examples
     if limit is not None and limit < len(examples):
         examples = examples.select(range(limit))
-    tokenized = tokenize_dataset(examples, tokenizer, num_proc=config.data.num_proc,
-                                 max_length=config.data.max_length, cache_dir=config.data.cache_dir)
+    tokenized = tokenize_dataset(examples, tokenizer, num_proc=config.data.num_proc, max_length=config.data.max_length,
+                                 cache_dir=config.data.cache_dir, on_overlength=config.data.overlength,
+                                 on_unknown="drop" if config.data.skip_bad_lines else "error", source=path)
     if len(tokenized) == 0:
-        raise UserError(f"{path}: no example fits data.max_length={config.data.max_length}")
+        raise UserError(f"{path}: no example left after tokenization (data.max_length={config.data.max_length})")
     return tokenized
+
+
+def fit_splits(config: StageConfig, limit: int | None, *splits):
+    """Each tokenized split (train, valid, ...) limited to the examples that fit the model's positions,
+    as data.overlength says."""
+    from icot.data.views import fit_to_positions
+
+    names = ("train", "valid")
+    fitted = [fit_to_positions(split, limit, config.data.overlength, getattr(config.data, name))
+              for name, split in zip(names, splits)]
+    if fitted and fitted[0] is not None and len(fitted[0]) == 0:
+        raise UserError(f"{config.data.train}: no example fits the model's {limit} positions")
+    return fitted
 
 
 def fresh_decoder(config: StageConfig, tokenizer, dropout: float, strategy) -> nn.Module:

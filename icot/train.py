@@ -37,14 +37,23 @@ def run_stage(name: str, overrides: list[str]) -> str:
 
 
 def train_stage(cls, config: StageConfig, paths: Paths, stop) -> str:
+    from icot.checkpoints import move_aside
     from icot.engine import Strategy
+    from icot.lock import StageLock
     from icot.loop import Trainer, seed_everything
-    from icot.stage import input_exports, input_folders, load_split, stage_tokenizer
+    from icot.models.decoder import position_limit
+    from icot.resume import plan_resume
+    from icot.stage import check_input_tokenizers, fit_splits, input_exports, input_folders, load_split, stage_tokenizer
 
     process_started = time.time()
     strategy = Strategy(config.train).init_distributed()
+    lock = StageLock(paths.root)
+    if strategy.is_main:
+        lock.check()   # a second run on this folder stops here, before its set-up
     inputs, exports = input_folders(config), input_exports(config)
     tokenizer = stage_tokenizer(config)
+    check_input_tokenizers(tokenizer, exports)
+    plan = plan_resume(config, paths, strategy.world_size)   # a changed config is refused here
     stage = cls(config, strategy, tokenizer)
     train_set = load_split(config, tokenizer, "train")
     if train_set is None:
@@ -52,24 +61,36 @@ def train_stage(cls, config: StageConfig, paths: Paths, stop) -> str:
     valid_set = load_split(config, tokenizer, "valid")
     seed_everything(config.train.seed)  # the same initial weights in every run and on every rank
     model = stage.build()
+    train_set, valid_set = fit_splits(config, position_limit(model), train_set, valid_set)
     train_set = stage.prepare_train_set(train_set)
     seed_everything(config.train.seed + strategy.rank)  # dropout: a different stream per rank
 
+    # Everything that can be wrong with the input has been checked: from here on the stage folder is written.
     if strategy.is_main:
+        lock.acquire()
+        if plan.move_aside:
+            moved = move_aside(paths.root)
+            if moved is not None:
+                strategy.log(f"starting {config.stage} from step 0: the earlier run's checkpoints and exports are "
+                             f"in {moved}")
         write_stage_files(config, strategy, paths)
-    trainer = Trainer(stage, config, strategy, paths, train_set, valid_set)
-    started = time.time()
-    trainer.setup(model)
-    status = trainer.train(stop)
-    if status == "done":
-        trainer.export_final()
-        if strategy.is_main:
-            write_manifest(paths, config, inputs, exports, trainer, time.time() - started, process_started)
-            (paths.root / PREEMPTED_MARKER).unlink(missing_ok=True)
-            (paths.root / DONE_MARKER).write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
-    elif strategy.is_main:
-        (paths.root / PREEMPTED_MARKER).write_text(f"step {trainer.progress.step}\n")
-    trainer.close()
+    strategy.barrier()
+    try:
+        trainer = Trainer(stage, config, strategy, paths, train_set, valid_set)
+        started = time.time()
+        trainer.setup(model, plan)
+        status = trainer.train(stop)
+        if status == "done":
+            trainer.export_final()
+            if strategy.is_main:
+                write_manifest(paths, config, inputs, exports, trainer, time.time() - started, process_started)
+                (paths.root / PREEMPTED_MARKER).unlink(missing_ok=True)
+                (paths.root / DONE_MARKER).write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+        elif strategy.is_main:
+            (paths.root / PREEMPTED_MARKER).write_text(f"step {trainer.progress.step}\n")
+        trainer.close()
+    finally:
+        lock.release()
     strategy.shutdown()
     strategy.exit_process()   # multi-rank runs end here, exit 0 (see Strategy.exit_process)
     return status
@@ -129,6 +150,7 @@ def write_manifest(paths: Paths, config: StageConfig, inputs: dict[str, Path], e
         "finished_at": round(time.time(), 1),
         "world_size": trainer.strategy.world_size,
         "validation": trainer.last_validation,
+        "resumed_with_changes": trainer.config_changes,
         "export": str(paths.export.resolve()),
         "exports": read_index(paths.root),
     }

@@ -46,9 +46,12 @@ fi
 command -v sbatch >/dev/null || { echo "submit_pipeline: sbatch not found (is SLURM_CONF / the slurm module set?)" >&2; exit 2; }
 command -v python >/dev/null || { echo "submit_pipeline: no python on PATH (activate the environment in the env file)" >&2; exit 2; }
 
+# Split on spaces without expanding wildcards (--data.train=data/*.txt stays as written).
+read -r -a sbatch_args <<<"${ICOT_SBATCH_ARGS:-}"
+read -r -a extra_args <<<"${EXTRA_ARGS:-}"
+
 # The run's stages, in order, and what each reads (from the registry, through the recipe's methods).
-# shellcheck disable=SC2086
-plan=$(python -m icot stages --config "$RECIPE" --format tsv ${EXTRA_ARGS:-}) ||
+plan=$(python -m icot stages --config "$RECIPE" --format tsv "${extra_args[@]}") ||
     { echo "submit_pipeline: python -m icot stages --config $RECIPE failed" >&2; exit 2; }
 declare -A after=()
 planned=()
@@ -60,8 +63,7 @@ done <<<"$plan"
 
 nodes=${ICOT_NODES:-2}
 read -r -a stages <<<"${ICOT_STAGES:-${planned[*]}}"
-# shellcheck disable=SC2206
-common=(--parsable --export=ALL --kill-on-invalid-dep=yes --output="$RUN_DIR/logs/%x-%j.out" ${ICOT_SBATCH_ARGS:-})
+common=(--parsable --export=ALL --kill-on-invalid-dep=yes --output="$RUN_DIR/logs/%x-%j.out" "${sbatch_args[@]}")
 mkdir -p "$RUN_DIR/logs"
 
 declare -A job=()

@@ -148,8 +148,10 @@ def test_every_example_file_loads_and_builds_what_the_typed_config_builds(path):
 
 def test_the_config_is_built_from_the_typed_config_and_a_users_file_passes_through(tmp_path):
     assert build_ds_config(TrainConfig(), 1)["zero_optimization"] == {"stage": 0}
+    # ZeRO 1-2: optimizer partitions saved elastic, so a run resumes on another number of ranks.
     assert build_ds_config(TrainConfig(zero_stage=2, offload=True), 1)["zero_optimization"] == {
-        "stage": 2, "offload_optimizer": CPU_OFFLOAD}
+        "stage": 2, "offload_optimizer": CPU_OFFLOAD, "elastic_checkpoint": True}
+    assert build_ds_config(TrainConfig(zero_stage=1), 1)["zero_optimization"] == {"stage": 1, "elastic_checkpoint": True}
     assert build_ds_config(TrainConfig(zero_stage=3, offload=True), 1)["zero_optimization"] == {
         "stage": 3, "offload_optimizer": CPU_OFFLOAD, "offload_param": CPU_OFFLOAD}
     # Frozen engines: partitioned only under ZeRO-3, never offloaded, never from the user's file.
@@ -193,7 +195,10 @@ def strategy():
 def test_single_process_defaults(strategy):
     assert (strategy.rank, strategy.world_size, strategy.is_main) == (0, 1, True)
     assert (strategy.micro_batch_size, strategy.gradient_accumulation) == (4, 2)
-    assert strategy.ds_config == build_ds_config(strategy.train, 1)
+    assert strategy.ds_config == build_ds_config(strategy.train, 1, cpu=True)
+    # On a CPU, torch's multi-tensor AdamW (DeepSpeed's fused CPU Adam drifts by an ULP after a resume).
+    assert strategy.ds_config["optimizer"]["params"]["torch_adam"] is True
+    assert "torch_adam" not in build_ds_config(strategy.train, 1)["optimizer"]["params"]   # on a GPU: fused
     assert strategy.all_reduce_mean({"b": 2.0, "a": torch.tensor(1.5)}) == {"a": 1.5, "b": 2.0}
     assert strategy.all_reduce_sum({"n": 3}) == {"n": 3.0}
     assert strategy.any_rank(True) and not strategy.any_rank(False)

@@ -131,10 +131,11 @@ def test_load_examples_builds_a_dataset(tmp_path):
     path = write(tmp_path, "\n".join([MULTIPLICATION_LINE, GSM8K_LINE, "", MULTIPLICATION_LINE]) + "\n")
     dataset = load_examples(path, cache_dir=tmp_path / "cache")
     assert isinstance(dataset, datasets.Dataset)
-    assert dataset.column_names == ["question", "cot", "answer"]
+    assert dataset.column_names == ["question", "cot", "answer", "line"]
     assert dataset.num_rows == 3
     assert dataset[1] == {"question": "Tom has 1,000 apples and buys 234 more.",
-                          "cot": "<<1000+234=1234>>", "answer": "1234"}
+                          "cot": "<<1000+234=1234>>", "answer": "1234", "line": 2}
+    assert dataset["line"] == [1, 2, 4]   # the file lines, blank ones skipped
 
 
 def test_load_examples_rebuilds_when_the_file_changes(tmp_path):

@@ -145,3 +145,19 @@ def test_a_conversion_that_disagrees_with_sentencepiece_is_caught(data_file, tmp
     word_level = build_tokenizer([data_file], kind="word")
     with pytest.raises(RuntimeError, match="disagrees with sentencepiece on '2 1 \\* 4 3'"):
         check_sentencepiece_conversion(word_level, tmp_path / "spm" / SENTENCEPIECE_MODEL_FILE, ["2 1 * 4 3"])
+
+
+def test_cover_adds_the_words_of_other_splits_after_the_training_words(tmp_path):
+    from icot.data.tokenizer_build import build_tokenizer
+
+    train, valid = tmp_path / "train.txt", tmp_path / "valid.txt"
+    train.write_text("1 2 * 3||05 13 #### 5 3\n1 1 * 2||02 #### 2\n")
+    valid.write_text("9 9 * 9||081 #### 1 8\n")
+    plain = build_tokenizer([train], kind="word")
+    covered = build_tokenizer([train], kind="word", cover=[valid], out=tmp_path / "tok")
+    vocab, base = covered.get_vocab(), plain.get_vocab()
+    assert {word: vocab[word] for word in base} == base   # the training words keep their ids
+    assert sorted(set(vocab) - set(base)) == ["081", "8", "9"] and min(vocab[w] for w in ("081", "8", "9")) == len(base)
+    assert covered.unk_token_id not in covered(" 9 9 * 9 081 1 8", add_special_tokens=False)["input_ids"]
+    with pytest.raises(UserError, match="only a word-level tokenizer"):
+        build_tokenizer([train], kind="sentencepiece", cover=[valid])

@@ -125,11 +125,11 @@ def test_the_separator_can_be_overridden(tokenizers):
 def test_tokenize_dataset_matches_encode_example_and_keeps_the_answer_text(tokenizers, kind):
     tokenizer = tokenizers[kind]
     tokenized = tokenize_dataset(sample_dataset(), tokenizer)
-    assert sorted(tokenized.column_names) == ["answer", "cot_ids", "nocot_ids", "prompt_len"]
+    assert sorted(tokenized.column_names) == ["answer", "cot_ids", "line", "nocot_ids", "prompt_len"]
     assert tokenized.features["answer"].dtype == "string"
     for row, line in zip(tokenized, SAMPLE_LINES):
         question, cot, answer = split_line(line)
-        assert row == {**encode_example(tokenizer, question, cot, answer), "answer": answer}
+        assert row == {**encode_example(tokenizer, question, cot, answer), "answer": answer, "line": None}
 
 
 def test_tokenize_dataset_in_two_processes_gives_the_same_rows(tokenizers, tmp_path):
@@ -153,8 +153,8 @@ def test_over_length_examples_are_dropped_and_counted(tokenizers, caplog):
 
 
 def test_over_length_examples_can_stop_the_run(tokenizers):
-    with pytest.raises(SequenceFormatError, match="more than max_length=5"):
-        tokenize_dataset(sample_dataset(), tokenizers["word"], max_length=5, on_overlength="error")
+    with pytest.raises(UserError, match=r"^sample\.txt: the with-CoT view has \d+ tokens, more than data\.max_length=5"):
+        tokenize_dataset(sample_dataset(), tokenizers["word"], max_length=5, on_overlength="error", source="sample.txt")
     with pytest.raises(UserError, match="on_overlength"):
         tokenize_dataset(sample_dataset(), tokenizers["word"], on_overlength="truncate")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,21 +18,21 @@ from icot.errors import UserError
 
 QUESTION_SEPARATOR = "||"
 ANSWER_MARKER = "####"   # before the answer, in data lines and in every sequence view
-COLUMNS = ("question", "cot", "answer")
+COLUMNS = ("question", "cot", "answer")   # and `line`, the file line of each example
 # Bad lines kept with their problem for reporting; beyond this only the count grows.
 MAX_RECORDED_BAD_LINES = 100
 # Part of the cache fingerprint: bump when parsing changes, so cached datasets are rebuilt.
-READER_VERSION = 1
+READER_VERSION = 2
 
 _log = logging.getLogger(__name__)
 
 
 class DataFormatError(UserError):
-    """A malformed line: `FILE:LINE: problem`."""
+    """A malformed line: `FILE:LINE: problem` (`FILE: problem` where the line is not known)."""
 
-    def __init__(self, path, line_number: int, problem: str):
+    def __init__(self, path, line_number: int | None, problem: str):
         self.path, self.line_number, self.problem = str(path), line_number, problem
-        super().__init__(f"{path}:{line_number}: {problem}")
+        super().__init__(f"{path}:{line_number}: {problem}" if line_number is not None else f"{path}: {problem}")
 
     def __reduce__(self):  # picklable, so it survives datasets' worker processes
         return type(self), (self.path, self.line_number, self.problem)
@@ -76,13 +77,23 @@ def parse_line(text: str) -> Example:
     return Example(question, cot.strip(), answer)
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\ufeff]")
+
+
 def _decode(raw: bytes, first_line: bool) -> str:
     try:
         # A byte-order mark can only start the file; utf-8-sig drops it.
         text = raw.decode("utf-8-sig" if first_line else "utf-8")
     except UnicodeDecodeError as err:
         raise LineFormatError(f"invalid UTF-8 (byte {raw[err.start]:#04x} at offset {err.start})") from None
-    return text.rstrip("\r\n")
+    text = text.rstrip("\r\n")
+    bad = _CONTROL.search(text)
+    if bad:
+        what = ("a byte-order mark (U+FEFF) inside the file: were files with one concatenated?"
+                if bad.group() == "\ufeff" else "a NUL byte" if bad.group() == "\x00"
+                else f"the control character U+{ord(bad.group()):04X}")
+        raise LineFormatError(f"{what} at column {bad.start() + 1}")
+    return text
 
 
 class ExampleStream:
@@ -152,8 +163,8 @@ def iter_examples(path, skip_bad: bool = False) -> ExampleStream:
 
 
 def _example_rows(path: str, skip_bad: bool):
-    for _, example in iter_examples(path, skip_bad=skip_bad):
-        yield {"question": example.question, "cot": example.cot, "answer": example.answer}
+    for line, example in iter_examples(path, skip_bad=skip_bad):
+        yield {"question": example.question, "cot": example.cot, "answer": example.answer, "line": line}
 
 
 def _file_fingerprint(path: Path, skip_bad: bool) -> str:
@@ -164,14 +175,15 @@ def _file_fingerprint(path: Path, skip_bad: bool) -> str:
 
 
 def load_examples(path, skip_bad: bool = False, cache_dir=None):
-    """A `datasets.Dataset` (question, cot, answer) streamed from a data file into cached Arrow."""
+    """A `datasets.Dataset` (question, cot, answer, line) streamed from a data file into cached Arrow."""
     import datasets
     from datasets.exceptions import DatasetGenerationError
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such data file")
-    features = datasets.Features({column: datasets.Value("string") for column in COLUMNS})
+    features = datasets.Features({**{column: datasets.Value("string") for column in COLUMNS},
+                                  "line": datasets.Value("int32")})
     try:
         return datasets.Dataset.from_generator(
             _example_rows, features=features, cache_dir=None if cache_dir is None else str(cache_dir),

@@ -54,34 +54,41 @@ def load_tokenizer(folder: str | os.PathLike, what: str):
         raise UserError(f"{what}: {folder} is not a local folder")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise UserError(f"{what}: cannot load a tokenizer from {folder} ({str(err).splitlines()[0]})") from None
+    except Exception as err:   # an empty folder, a corrupt tokenizer.json: OSError, ValueError, tokenizers' own
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"{what}: cannot load a tokenizer from {folder} ({reason[:200]})") from None
     if tokenizer.eos_token_id is None:
         raise UserError(f"{what}: the tokenizer in {folder} has no EOS token, which icot uses as the separator")
     return tokenizer
 
 
 def build_tokenizer(files: Sequence[str | os.PathLike], kind: str = "word", out: str | os.PathLike | None = None,
-                    vocab_size: int = 8000):
+                    vocab_size: int = 8000, cover: Sequence[str | os.PathLike] = ()):
     """Build a tokenizer of `kind` from data files (`INPUT||COT #### ANSWER` lines).
 
     Saved to `out` when given (loadable with `AutoTokenizer.from_pretrained(out)`); the returned
     tokenizer is the one loaded back from that folder, so callers see exactly what users will load.
+    `cover` (word kind): more files whose every word must be in the vocabulary (a validation or test
+    split of a closed vocabulary such as multiplication's numbers); words `files` lack are added after
+    theirs, so the ids of `files`' words do not depend on them.
     """
     if not files:
         raise UserError("no data files given to build a tokenizer from")
     check_settings(kind, vocab_size)
-    return build_from_segments(list(example_segments(files)), kind=kind, out=out, vocab_size=vocab_size)
+    return build_from_segments(list(example_segments(files)), kind=kind, out=out, vocab_size=vocab_size,
+                               cover=list(example_segments(cover)))
 
 
 def build_from_segments(segments: Sequence[str], kind: str = "word", out: str | os.PathLike | None = None,
-                        vocab_size: int = 8000):
+                        vocab_size: int = 8000, cover: Sequence[str] = ()):
     """`build_tokenizer` from texts (questions, CoTs, answers) instead of files; `out=None` saves nowhere."""
     check_settings(kind, vocab_size)
+    if cover and kind != "word":
+        raise UserError("cover: only a word-level tokenizer has a closed vocabulary to complete")
     if out is None:
         with tempfile.TemporaryDirectory(prefix="icot-tokenizer-") as scratch:
-            return _build_into(list(segments), kind, Path(scratch), vocab_size)
-    return _build_into(list(segments), kind, Path(out), vocab_size)
+            return _build_into(list(segments), kind, Path(scratch), vocab_size, cover)
+    return _build_into(list(segments), kind, Path(out), vocab_size, cover)
 
 
 def check_settings(kind: str, vocab_size: int) -> None:
@@ -92,9 +99,11 @@ def check_settings(kind: str, vocab_size: int) -> None:
 
 
 def build_tokenizer_cli(files: Sequence[str], kind: str = "word", out: str = "tokenizer",
-                        vocab_size: int = 8000) -> None:
-    """`icot tokenizer build FILE... --kind word --out DIR`: build, save and print a one-line summary."""
-    tokenizer = build_tokenizer(files, kind=kind, out=out, vocab_size=int(vocab_size))
+                        vocab_size: int = 8000, cover=()) -> None:
+    """`icot tokenizer build FILE... --kind word --out DIR [--cover FILE,FILE]`: build, save and print a
+    one-line summary."""
+    cover = [c for c in cover.split(",") if c] if isinstance(cover, str) else list(cover)
+    tokenizer = build_tokenizer(files, kind=kind, out=out, vocab_size=int(vocab_size), cover=cover)
     print(f"built {kind} tokenizer with {len(tokenizer)} tokens (eos {tokenizer.eos_token!r}, "
           f"id {tokenizer.eos_token_id}) from {len(files)} file(s) -> {out}")
 
@@ -110,7 +119,7 @@ def example_segments(files: Iterable[str | os.PathLike]) -> Iterator[str]:
             yield example.answer
 
 
-def _build_into(segments: list[str], kind: str, folder: Path, vocab_size: int):
+def _build_into(segments: list[str], kind: str, folder: Path, vocab_size: int, cover: Sequence[str] = ()):
     from transformers import AutoTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -118,15 +127,16 @@ def _build_into(segments: list[str], kind: str, folder: Path, vocab_size: int):
     for name in TOKENIZER_FILES:
         (folder / name).unlink(missing_ok=True)
     if kind == "word":
-        tokenizer = word_level_tokenizer(segments, vocab_size)
+        tokenizer = word_level_tokenizer(segments, vocab_size, cover)
     else:
         tokenizer = sentencepiece_tokenizer(segments, folder, vocab_size)
     tokenizer.save_pretrained(str(folder))
     return AutoTokenizer.from_pretrained(str(folder))
 
 
-def word_vocabulary(segments: Iterable[str], vocab_size: int) -> dict[str, int]:
-    """Special tokens first, then the most frequent words; ties go alphabetically, so file order does not matter."""
+def word_vocabulary(segments: Iterable[str], vocab_size: int, cover: Iterable[str] = ()) -> dict[str, int]:
+    """Special tokens first, then the most frequent words; ties go alphabetically, so file order does not
+    matter. Words of `cover` not among them come last, alphabetically."""
     reserved = [EOS_TOKEN, UNK_TOKEN, ANSWER_MARKER]
     counts = Counter(word for segment in segments for word in segment.split())
     for token in reserved:
@@ -136,15 +146,17 @@ def word_vocabulary(segments: Iterable[str], vocab_size: int) -> dict[str, int]:
     if len(kept) < len(words):
         logger.warning("word vocabulary capped at %d: %d rare words will map to %s",
                        vocab_size, len(words) - len(kept), UNK_TOKEN)
-    return {token: index for index, token in enumerate(reserved + kept)}
+    known = set(reserved) | set(kept)
+    added = sorted({word for segment in cover for word in segment.split()} - known)
+    return {token: index for index, token in enumerate(reserved + kept + added)}
 
 
-def word_level_tokenizer(segments: Iterable[str], vocab_size: int):
+def word_level_tokenizer(segments: Iterable[str], vocab_size: int, cover: Iterable[str] = ()):
     """A `WordLevel` model over whitespace-split words; decoding joins the words with single spaces."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    backend = Tokenizer(models.WordLevel(word_vocabulary(segments, vocab_size), unk_token=UNK_TOKEN))
+    backend = Tokenizer(models.WordLevel(word_vocabulary(segments, vocab_size, cover), unk_token=UNK_TOKEN))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=backend, **_special_tokens())
 

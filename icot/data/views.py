@@ -19,16 +19,17 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from icot.data.reader import ANSWER_MARKER
+from icot.data.reader import ANSWER_MARKER, DataFormatError
 from icot.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 COT_VIEW_SEPARATORS = 3
 NOCOT_VIEW_SEPARATORS = 2
-OVERLENGTH_POLICIES = ("drop", "error")
+POLICIES = ("drop", "error")   # what becomes of an example too long, or with a word the tokenizer does not know
 # Bump when the sequence format or the checks change, so cached tokenizations are not reused.
-FORMAT_VERSION = "icot-views-1"
+FORMAT_VERSION = "icot-views-2"
+KEPT, TOO_LONG, UNKNOWN_WORD = 0, 1, 2   # the `status` of an encoded row
 
 
 class SequenceFormatError(UserError):
@@ -137,20 +138,24 @@ def shorten(text: str, limit: int = 80) -> str:
 
 def tokenize_dataset(dataset, tokenizer, num_proc: int = 1, max_length: int | None = None,
                      cache_dir: str | os.PathLike | None = None, separator_id: int | None = None,
-                     on_overlength: str = "drop"):
-    """Encode a (question, cot, answer) `datasets.Dataset` into columns cot_ids, nocot_ids, prompt_len, answer.
+                     on_overlength: str = "drop", on_unknown: str = "error", source: str = "data"):
+    """Encode a (question, cot, answer[, line]) `datasets.Dataset` into columns cot_ids, nocot_ids,
+    prompt_len, answer, line.
 
     Runs `Dataset.map` (batched, `num_proc` processes) under a fingerprint computed from the dataset,
     the tokenizer's full definition and these settings, so a second run loads the cached result: from
     `cache_dir` when given, else beside the dataset's own cache files (an in-memory dataset without
-    `cache_dir` is not cached). Examples whose with-CoT view exceeds `max_length` tokens are dropped
-    (counted in a warning) or, with `on_overlength="error"`, stop the run. `answer` stays a string
-    for exact match.
+    `cache_dir` is not cached). An example whose with-CoT view exceeds `max_length` tokens, or that holds
+    a word the tokenizer maps to its unknown token, is dropped (counted in a warning) or, with the policy
+    "error", stops the run with `source:line` (`line`: the file line the reader recorded). `answer`
+    stays a string for exact match.
     """
-    if on_overlength not in OVERLENGTH_POLICIES:
-        raise UserError(f"on_overlength must be one of {OVERLENGTH_POLICIES}, got {on_overlength!r}")
+    for name, policy in (("on_overlength", on_overlength), ("on_unknown", on_unknown)):
+        if policy not in POLICIES:
+            raise UserError(f"{name} must be one of {POLICIES}, got {policy!r}")
     separator_id, _ = resolve_separator(tokenizer, separator_id)
-    settings = {"separator_id": separator_id, "max_length": max_length, "on_overlength": on_overlength}
+    settings = {"separator_id": separator_id, "max_length": max_length, "on_overlength": on_overlength,
+                "on_unknown": on_unknown, "source": str(source)}
     fingerprint = tokenized_fingerprint(dataset, tokenizer, settings)
     tokenized = dataset.map(
         encode_rows,
@@ -158,39 +163,98 @@ def tokenize_dataset(dataset, tokenizer, num_proc: int = 1, max_length: int | No
         num_proc=num_proc if num_proc > 1 else None,
         fn_kwargs={"tokenizer": tokenizer, **settings},
         remove_columns=dataset.column_names,
-        features=tokenized_features(),
+        features=tokenized_features(with_status=True),
         new_fingerprint=fingerprint,
         cache_file_name=cache_file_name(cache_dir, fingerprint),
         desc="tokenizing",
     )
-    dropped = len(dataset) - len(tokenized)
-    if dropped:
-        logger.warning("dropped %d of %d examples longer than %d tokens (with-CoT view)",
-                       dropped, len(dataset), max_length)
-    return tokenized
+    import numpy as np
+
+    status = np.asarray(tokenized.data.column("status"))
+    if (status != KEPT).any():
+        for code, what in ((TOO_LONG, f"longer than {max_length} tokens (with-CoT view)"),
+                           (UNKNOWN_WORD, "with words the tokenizer does not know")):
+            if (status == code).any():
+                logger.warning("%s: dropped %d of %d examples %s", source, int((status == code).sum()), len(status),
+                               what)
+        tokenized = tokenized.select(np.flatnonzero(status == KEPT))
+    return tokenized.remove_columns("status")
 
 
-def encode_rows(batch: dict[str, list], tokenizer, separator_id: int, max_length: int | None,
-                on_overlength: str) -> dict[str, list]:
-    """The `Dataset.map` function: encode a batch and apply the length limit."""
+def encode_rows(batch: dict[str, list], tokenizer, separator_id: int, max_length: int | None, on_overlength: str,
+                on_unknown: str, source: str) -> dict[str, list]:
+    """The `Dataset.map` function: encode a batch; each row's `status` says whether it is kept."""
     encoded = encode_batch(tokenizer, batch["question"], batch["cot"], batch["answer"], separator_id)
     encoded["answer"] = list(batch["answer"])
-    if max_length is None:
-        return encoded
-    keep = [len(ids) <= max_length for ids in encoded["cot_ids"]]
-    if on_overlength == "error" and not all(keep):
-        index = keep.index(False)
-        raise format_error(tokenizer, batch["question"][index],
-                           f"the with-CoT view has {len(encoded['cot_ids'][index])} tokens, "
-                           f"more than max_length={max_length}", separator_id)
-    return {key: [value for value, kept in zip(values, keep) if kept] for key, values in encoded.items()}
+    encoded["line"] = list(batch["line"]) if "line" in batch else [None] * len(batch["answer"])
+    unknown = unknown_token_id(tokenizer, separator_id)
+    encoded["status"] = []
+    for index, ids in enumerate(encoded["cot_ids"]):
+        line = encoded["line"][index]
+        if unknown is not None and unknown in ids:
+            if on_unknown == "error":
+                word = unknown_word(tokenizer, unknown, batch["question"][index], batch["cot"][index],
+                                    batch["answer"][index])
+                raise DataFormatError(source, line, f"{word!r} is not in the vocabulary of {describe_tokenizer(tokenizer)}"
+                                                    f": it would become {tokenizer.unk_token} (data.skip_bad_lines "
+                                                    f"skips such lines)")
+            encoded["status"].append(UNKNOWN_WORD)
+        elif max_length is not None and len(ids) > max_length:
+            if on_overlength == "error":
+                raise DataFormatError(source, line, f"the with-CoT view has {len(ids)} tokens, more than "
+                                                    f"data.max_length={max_length}")
+            encoded["status"].append(TOO_LONG)
+        else:
+            encoded["status"].append(KEPT)
+    return encoded
 
 
-def tokenized_features():
+def unknown_token_id(tokenizer, separator_id: int) -> int | None:
+    """The id an unknown word becomes, where a tokenizer has one of its own (GPT-2's BPE knows every byte
+    and calls its EOS the unknown token, which is the separator here)."""
+    unknown = tokenizer.unk_token_id
+    return None if unknown is None or unknown in (separator_id, tokenizer.pad_token_id) else unknown
+
+
+def unknown_word(tokenizer, unknown: int, *texts: str) -> str:
+    """The first whitespace-separated word of `texts` that encodes to the unknown token."""
+    for word in " ".join(texts).split():
+        if unknown in tokenizer(word, add_special_tokens=False)["input_ids"]:
+            return word
+    return tokenizer.unk_token
+
+
+def fit_to_positions(dataset, limit: int | None, policy: str, source: str):
+    """The examples whose with-CoT view fits the model's `limit` positions: the others are dropped (counted
+    in a warning) or, with the policy "error", stop the run with `source:line`."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    if limit is None or dataset is None or len(dataset) == 0:
+        return dataset
+    lengths = np.asarray(pc.list_value_length(dataset.data.column("cot_ids")))
+    if dataset._indices is not None:   # a selection: the lengths of the rows it holds
+        lengths = lengths[np.asarray(dataset._indices.column(0))]
+    too_long = lengths > limit
+    if not too_long.any():
+        return dataset
+    if policy == "error":
+        first = int(np.flatnonzero(too_long)[0])
+        raise DataFormatError(source, dataset[first]["line"], f"the with-CoT view has {int(lengths[first])} tokens, "
+                                                              f"more than the model's {limit} positions")
+    logger.warning("%s: dropped %d of %d examples longer than the model's %d positions (with-CoT view)", source,
+                   int(too_long.sum()), len(dataset), limit)
+    return dataset.select(np.flatnonzero(~too_long))
+
+
+def tokenized_features(with_status: bool = False):
     from datasets import Features, List, Value
 
-    return Features({"cot_ids": List(Value("int32")), "nocot_ids": List(Value("int32")),
-                     "prompt_len": Value("int32"), "answer": Value("string")})
+    columns = {"cot_ids": List(Value("int32")), "nocot_ids": List(Value("int32")), "prompt_len": Value("int32"),
+               "answer": Value("string"), "line": Value("int32")}
+    if with_status:
+        columns["status"] = Value("int8")
+    return Features(columns)
 
 
 def tokenized_fingerprint(dataset, tokenizer, settings: dict) -> str:

@@ -37,7 +37,10 @@ class CoupledModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, first_sep: torch.Tensor,
                 labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None):
-        """Answer loss of the student fed with the emulator's states. The emulator reads the same
-        ids: it is causal, so its states at the separator depend on the input only."""
-        states = self.emulator(input_ids, attention_mask, first_sep, position_ids=position_ids).states
+        """Answer loss of the student fed with the emulator's states. The emulator reads the input only,
+        through the last separator of the batch: it is causal, so its states at the separator depend on
+        nothing after it (the reference code fed it the whole sequence, the same states for more work)."""
+        prompt = int(first_sep.max()) + 1
+        states = self.emulator(input_ids[:, :prompt], attention_mask[:, :prompt], first_sep,
+                               position_ids=None if position_ids is None else position_ids[:, :prompt]).states
         return self.student(input_ids, attention_mask, first_sep, states, labels=labels)

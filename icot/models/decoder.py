@@ -80,6 +80,18 @@ def edit_block_inputs(model: nn.Module, edit: BlockInputEdit, once: bool = False
             handle.remove()
 
 
+def position_limit(module: nn.Module) -> int | None:
+    """The fewest positions any decoder inside `module` has (GPT-2's n_positions, the others'
+    max_position_embeddings); None when none says."""
+    limits = []
+    for sub in (module.modules() if isinstance(module, nn.Module) else [module]):
+        config = getattr(sub, "config", None)
+        limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+        if isinstance(limit, int):
+            limits.append(limit)
+    return min(limits) if limits else None
+
+
 def gather_rows(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """hidden[b, positions[b]] for every b: [B, T, H] -> [B, H]."""
     index = positions.view(-1, 1, 1).expand(-1, 1, hidden.size(-1))

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from icot.data.collate import examples_at, rank_batches
+from icot.errors import UserError
 from icot.models.decoder import decoder_shape
 from icot.models.io import load_component
 from icot.models.teacher_states import diagonal_positions, teacher_states
@@ -93,7 +94,11 @@ class TeacherSource:
                 strategy.log(f"teacher-state cache: {len(train_set)} examples x {self.num_layers} layers in "
                              f"{time.time() - started:.0f}s -> {path}")
             strategy.barrier()
-        self.cache = torch.load(path, mmap=True)
+        try:
+            self.cache = torch.load(path, mmap=True, weights_only=True)
+        except Exception as err:   # torch refuses anything but tensors (a planted pickle included)
+            raise UserError(f"{path}: not a teacher-state cache icot wrote ({type(err).__name__}); delete it "
+                            f"and rerun to compute it again") from None
         if self.cache.size(0) != len(train_set):
             raise RuntimeError(f"{path}: {self.cache.size(0)} cached rows for {len(train_set)} examples")
 
@@ -117,7 +122,7 @@ class TeacherSource:
         world = self.strategy.world_size
         merged = None
         for rank in range(world):
-            shard = torch.load(self._shard_path(path, rank))
+            shard = torch.load(self._shard_path(path, rank), weights_only=True)
             if merged is None:
                 merged = torch.empty((num_examples, *shard.shape[1:]), dtype=shard.dtype)
             merged[rank::world] = shard
