@@ -99,6 +99,7 @@ def build_task(name: str, examples: int, seed: int = 0) -> Task:
     """`examples` rendered lines of the task, tokenized by a word tokenizer built on them."""
     from icot.data.multiply import render_line, sample_pairs
     from icot.data.reader import parse_line
+    from icot.data.collate import view_ids
     from icot.data.tokenizer_build import build_from_segments
     from icot.data.views import encode_batch
 
@@ -115,10 +116,9 @@ def build_task(name: str, examples: int, seed: int = 0) -> Task:
     lengths = {(len(f["cot_ids"]), len(f["nocot_ids"]), f["prompt_len"]) for f in features}
     if len(lengths) != 1:  # every line of one shape has one layout
         raise RuntimeError(f"{name}: lines of unequal token lengths {sorted(lengths)}")
-    cot_len, nocot_len, prompt_len = lengths.pop()
+    cot_len, _, prompt_len = lengths.pop()
     task.prompt_len, task.cot_view_length = prompt_len, cot_len
-    continuation = {"cot": cot_len - prompt_len, "nocot": nocot_len - prompt_len}
-    task.new_tokens = {mode.name: continuation[mode.view] for mode in registry.modes()}
+    task.new_tokens = {mode.name: len(view_ids(features[0], mode.view)) - prompt_len for mode in registry.modes()}
     return task
 
 

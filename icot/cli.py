@@ -112,6 +112,12 @@ class Commands:
 
         pipeline_cli(raw_overrides(self._argv, 1))
 
+    def compare(self, *_, **__):
+        """Several methods on one task from one recipe: one table and one plot (accuracy, speed, training time)."""
+        from icot.compare import compare_cli
+
+        compare_cli(raw_overrides(self._argv, 1))
+
     def demo(self, *_, **__):
         """The built-in CPU pipeline: generated multiplication, small GPT-2 from scratch."""
         from icot.demo import demo_cli

@@ -124,6 +124,7 @@ class TrainConfig:
     seed: int = option(42, help="seed of the initial weights, the data order and dropout")
     log_every: int = option(10, resumable=True, minimum=1, help="optimizer steps between log lines and TensorBoard points")
     eval_every: int = option(0, resumable=True, minimum=0, help="optimizer steps between validations; 0: at the end only")
+    eval_each_epoch: bool = option(False, resumable=True, help="also validate at the end of every epoch")
     eval_examples: int = option(256, resumable=True, minimum=0, help="validation examples decoded for accuracy at each validation")
     save_every: int = option(0, resumable=True, minimum=0, help="optimizer steps between checkpoints; 0: at the end and on "
                                                 "a stop signal only")
@@ -132,12 +133,31 @@ class TrainConfig:
                                                  "(validated there), so a later stage can read 'epoch N' or 'best'")
     export_epochs: list[int] = option(resumable=True, factory=list, help="also export after these epochs (counted from 1), "
                                                          "into <stage>/exports/epoch<N>; e.g. 6,7")
+    export_best: bool = option(False, resumable=True, help="also keep the export of the best validation so far in "
+                                                           "<stage>/exports/best (what is best is the stage's: "
+                                                           "accuracy, else loss)")
     export_every: int = option(0, resumable=True, minimum=0, help="also export every N optimizer steps, into "
                                                   "<stage>/exports/step<N>; 0: off")
     resume: str = option("auto", resumable=True, help="auto: from the newest complete checkpoint in <stage>/ckpt; never: from "
                                       "step 0; or a checkpoint folder")
     ds_config: Optional[str] = option(None, resumable=True, help="a DeepSpeed JSON file to start from (e.g. ds_configs/*.json); "
                                                  "icot fills and checks the keys it owns")
+
+
+@dataclass
+class DemoConfig:
+    """The data `icot demo` generates for a recipe (its `demo:` section; no stage reads it)."""
+
+    digits_a: int = option(3, minimum=2, help="digits of the first operand")
+    digits_b: int = option(2, minimum=2, help="digits of the second operand")
+    layout: Literal["paper", "final_sum", "columns"] = option("columns", help="the CoT's layout (icot data multiply)")
+    train: int = option(70_000, minimum=1, help="training lines")
+    valid: int = option(500, minimum=1, help="validation lines")
+    test: int = option(1000, minimum=0, help="test lines, generated where no official test file is found")
+    seed: int = option(0, minimum=0, help="seed of the generated data")
+    official_test: Optional[str] = option(None, help="the official test file, relative to the reference data "
+                                                     "folder (e.g. 4_by_4_mult/test_bigbench.txt); the generated "
+                                                     "splits share no pair with it")
 
 
 @dataclass
@@ -555,6 +575,8 @@ def _only_for(tree: dict, stage: str) -> dict:
         raise UserError(f"{_first_where(tree['method'])}: the 'method:' section is now named after its method "
                         f"({sections}); rename it")
     _parse_methods(tree.pop("methods", None))
+    if "demo" in tree:
+        _build(DemoConfig, _as_mapping(tree.pop("demo"), "demo"), "demo.")
     for name, cls in _method_sections().items():
         if name in tree and name != spec.method:
             _build(cls, _as_mapping(tree.pop(name), name), f"{name}.")
@@ -623,6 +645,13 @@ def load_stage_config(stage: str, recipe_path: str | None = None, overrides: lis
     config = _build(cls, merged, "", stage=stage)
     _check_consistency(config)
     return config
+
+
+def load_demo(recipe_path: str, changes: dict[str, str] | None = None) -> DemoConfig:
+    """The `demo:` section of a recipe (defaults where it has none), with command-line `changes`."""
+    tree = _as_mapping(_read_yaml(recipe_path).get("demo", {}), "demo")
+    tree.update({key: Raw(value, "command line") for key, value in (changes or {}).items()})
+    return _build(DemoConfig, tree, "demo.")
 
 
 def load_methods(recipe_path: str | None = None, overrides: list[str] | None = None) -> list[str]:

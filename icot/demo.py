@@ -1,97 +1,115 @@
-"""`icot demo`: the pipeline on a built-in CPU recipe (`icot/recipes/demo.yaml`) with generated
-multiplication data and a word-level tokenizer built on it; nothing is downloaded. What the recipe's
-settings come from, run by run: docs/DEMO.md."""
+"""`icot demo [--method M]`: the pipeline on a method's built-in CPU recipe (`Method.demo`, in
+icot/recipes/) with generated multiplication data and a word-level tokenizer built on it; nothing is
+downloaded. The recipe's `demo:` section says what data to generate; where it names an official test
+file (`official_test`, e.g. the BIG-bench 4x4 set) and the reference data folder holds it, the run is
+evaluated on it and the generated splits share no pair with it; elsewhere a generated test split stands
+in, and the run says so. What the recipes' settings come from: docs/DEMO.md."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-from dataclasses import asdict, dataclass
+import os
 from pathlib import Path
 
+from icot import registry
+from icot.config import DemoConfig, load_demo
 from icot.errors import UserError
 from icot.pipeline import run_pipeline
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 DEMO_RECIPE = RECIPES / "demo.yaml"
+REFERENCE_DATA_VARIABLE = "ICOT_REFERENCE_DATA"
+REFERENCE_DATA_BESIDE = Path("..") / "shared" / "data"   # beside a checkout, as in this project's workplace
 
 
-@dataclass
-class DemoData:
-    """The demo's generated task: digits_a x digits_b multiplication, disjoint splits.
-
-    layout "columns" writes the schoolbook column sums as the CoT (see icot/data/multiply.py): the
-    teacher's states then hold every answer digit; docs/DEMO.md says why the demo needs it.
-    """
-
-    digits_a: int = 3
-    digits_b: int = 2
-    train: int = 70_000
-    valid: int = 500
-    test: int = 1000
-    seed: int = 0
-    layout: str = "columns"
+def default_method() -> str:
+    return next(m.name for m in registry.methods() if m.default)
 
 
 def demo_cli(overrides: list[str]) -> None:
-    from icot.data.multiply import LAYOUTS
-
-    parser = argparse.ArgumentParser(prog="icot demo", description="the built-in CPU pipeline")
-    parser.add_argument("--out", default="runs/demo", help="folder for data, tokenizer and the run")
-    parser.add_argument("--config", default=str(DEMO_RECIPE), help="the recipe (default: the built-in one)")
-    defaults = DemoData()
-    for name in ("digits_a", "digits_b", "train", "valid", "test", "seed"):
-        parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name),
-                            help=f"generated data: {name} (default {getattr(defaults, name)})")
-    parser.add_argument("--layout", choices=LAYOUTS, default=defaults.layout,
-                        help=f"the CoT's layout (default {defaults.layout}; see icot data multiply)")
+    parser = argparse.ArgumentParser(prog="icot demo", description="a method's built-in CPU pipeline")
+    parser.add_argument("--method", default=default_method(), choices=[m.name for m in registry.methods() if m.demo],
+                        help="whose demo (default %(default)s)")
+    parser.add_argument("--out", help="folder for data, tokenizer and the run (default runs/demo, "
+                                      "runs/demo_<method> for the others)")
+    parser.add_argument("--config", help="the recipe (default: the method's built-in one)")
+    parser.add_argument("--reference_data", help=f"the folder of the official test files (default: "
+                                                 f"${REFERENCE_DATA_VARIABLE}, else {REFERENCE_DATA_BESIDE})")
+    for f in dataclasses.fields(DemoConfig):
+        parser.add_argument(f"--{f.name}", help=f"generated data: {f.metadata['help']} (default: the recipe's)")
     parser.add_argument("--eval_max_examples", type=int, default=None)
     parser.add_argument("--noparallel_baseline", dest="parallel_baseline", action="store_false",
                         help="train the no-CoT baseline after the other stages instead of beside them")
     args, rest = parser.parse_known_args(overrides)
-    data = DemoData(args.digits_a, args.digits_b, args.train, args.valid, args.test, args.seed, args.layout)
-    run_demo(Path(args.out), args.config, data, rest, eval_max_examples=args.eval_max_examples,
-             parallel_baseline=args.parallel_baseline)
+    method = registry.get_method(args.method)
+    recipe = args.config or str(RECIPES / method.demo)
+    if not Path(recipe).is_file():
+        raise UserError(f"--config: no such recipe file {recipe}")
+    data = load_demo(recipe, {f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)
+                              if getattr(args, f.name) is not None})
+    out = Path(args.out or ("runs/demo" if method.default else f"runs/demo_{method.name}"))
+    run_demo(out, recipe, data, rest, eval_max_examples=args.eval_max_examples,
+             parallel_baseline=args.parallel_baseline, reference_data=args.reference_data)
 
 
-def check_same_data(settings_file: Path, data: DemoData) -> None:
+def official_test_file(data: DemoConfig, reference_data: str | None) -> Path | None:
+    """The official test file the recipe names, where a reference data folder holds it."""
+    if data.official_test is None:
+        return None
+    for folder in (reference_data, os.environ.get(REFERENCE_DATA_VARIABLE), REFERENCE_DATA_BESIDE):
+        if folder and (Path(folder) / data.official_test).is_file():
+            return Path(folder) / data.official_test
+    return None
+
+
+def check_same_data(settings_file: Path, settings: dict) -> None:
     """A rerun must ask for the data already generated, or its stages would resume on other data."""
     try:
         written = json.loads(settings_file.read_text())
     except json.JSONDecodeError as error:
         raise UserError(f"{settings_file}: not valid JSON ({error}); remove {settings_file.parent} to regenerate")
-    differing = [f"{key} {written.get(key)!r} (asked: {value!r})" for key, value in asdict(data).items()
+    differing = [f"{key} {written.get(key)!r} (asked: {value!r})" for key, value in settings.items()
                  if written.get(key) != value]
     if differing:
         raise UserError(f"{settings_file.parent} was generated with other settings: {'; '.join(differing)}. "
                         f"Use another --out, or the same settings to resume")
 
 
-def run_demo(out: Path, recipe: str, data: DemoData, overrides: list[str],
-             eval_max_examples: int | None = None, parallel_baseline: bool = True) -> dict:
+def run_demo(out: Path, recipe: str, data: DemoConfig, overrides: list[str], eval_max_examples: int | None = None,
+             parallel_baseline: bool = True, reference_data: str | None = None) -> dict:
     """Generate the data and the tokenizer (once), then run the pipeline into `out`."""
     from icot.data.multiply import generate_splits, layout_label
     from icot.data.tokenizer_build import build_tokenizer
 
     data_dir, tokenizer_dir = out / "data", out / "tokenizer"
+    official = official_test_file(data, reference_data)
+    settings = {**dataclasses.asdict(data), "official_test_file": str(official.resolve()) if official else None}
     settings_file = data_dir / "demo_data.json"
+    if data.official_test and official is None:
+        print(f"[icot demo] no {data.official_test} in the reference data folder (--reference_data, "
+              f"${REFERENCE_DATA_VARIABLE} or {REFERENCE_DATA_BESIDE}): evaluating on a generated test split "
+              f"instead", flush=True)
     if settings_file.exists():
-        check_same_data(settings_file, data)
+        check_same_data(settings_file, settings)
     else:
-        print(f"[icot demo] generating {data.digits_a}x{data.digits_b} multiplication"
-              f"{layout_label(data.layout)} into {data_dir}", flush=True)
-        generate_splits(data_dir, data.digits_a, data.digits_b,
-                        {"train": data.train, "valid": data.valid, "test": data.test}, data.seed,
-                        layout=data.layout)
+        print(f"[icot demo] generating {data.digits_a}x{data.digits_b} multiplication{layout_label(data.layout)} "
+              f"into {data_dir}" + (f", sharing no pair with {official}" if official else ""), flush=True)
+        sizes = {"train": data.train, "valid": data.valid, "test": 0 if official else data.test}
+        generate_splits(data_dir, data.digits_a, data.digits_b, sizes, data.seed, layout=data.layout,
+                        exclude=[official] if official else [])
         # Written last: its presence means the splits are complete.
-        settings_file.write_text(json.dumps(asdict(data), indent=1) + "\n")
+        settings_file.write_text(json.dumps(settings, indent=1) + "\n")
+    test = official or data_dir / "test.txt"
     if not (tokenizer_dir / "tokenizer.json").exists():
         # The vocabulary comes from the training split; the few numbers it may lack are appended from the
         # others, which would otherwise be unknown words (an error).
         build_tokenizer([data_dir / "train.txt"], kind="word", out=tokenizer_dir,
-                        cover=[data_dir / "valid.txt", data_dir / "test.txt"])
+                        cover=[data_dir / "valid.txt", test])
+    if official:
+        print(f"[icot demo] evaluating on the official test set {official}", flush=True)
     paths = [f"--run_dir={out / 'run'}", f"--data.train={data_dir / 'train.txt'}",
-             f"--data.valid={data_dir / 'valid.txt'}", f"--data.test={data_dir / 'test.txt'}",
-             f"--model.tokenizer={tokenizer_dir}"]
+             f"--data.valid={data_dir / 'valid.txt'}", f"--data.test={test}", f"--model.tokenizer={tokenizer_dir}"]
     return run_pipeline(recipe, paths + list(overrides), eval_max_examples=eval_max_examples,
                         parallel_baseline=parallel_baseline)

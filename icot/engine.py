@@ -482,6 +482,13 @@ class Strategy:
         """The learning rate the next optimizer step will use."""
         return float(engine.get_lr()[0])
 
+    def reset_optimizer(self, engine) -> None:
+        """Start the optimizer afresh, as a newly built one (a curriculum's rule): its moments and step
+        counts cleared; the learning rate and its schedule go on."""
+        optimizer = engine.optimizer
+        basic = getattr(optimizer, "optimizer", optimizer)   # ZeRO wraps the torch optimizer
+        basic.state.clear()
+
     def apply_optimizer_settings(self, engine) -> None:
         """After a resume: this run's lr, betas, eps and weight decay (a checkpoint restores its own) and
         its schedule from the restored step on (the LR scheduler's state holds the step and the old lr)."""

@@ -42,7 +42,7 @@ from typing import Callable, Sequence
 import torch
 
 from icot import registry
-from icot.data.collate import IGNORE_INDEX, rank_batches
+from icot.data.collate import IGNORE_INDEX, rank_batches, view_ids
 from icot.data.reader import ANSWER_MARKER, normalize_answer
 from icot.errors import UserError
 
@@ -187,14 +187,15 @@ def check_fits(features: Sequence[dict], model: torch.nn.Module, view: str, sour
 
     limit = position_limit(model)
     for feature in features:
-        if limit is not None and len(feature[f"{view}_ids"]) > limit:
-            raise DataFormatError(source, feature.get("line"), f"the {view} view has {len(feature[f'{view}_ids'])} "
-                                                               f"tokens, more than the model's {limit} positions")
+        length = len(view_ids(feature, view))
+        if limit is not None and length > limit:
+            raise DataFormatError(source, feature.get("line"), f"the {view} view has {length} tokens, more than "
+                                                               f"the model's {limit} positions")
 
 
 def continuation_length(feature: dict, view: str) -> int:
     """Tokens after the prompt in the reference `view` of an example (through the final separator)."""
-    return len(feature[f"{view}_ids"]) - int(feature["prompt_len"])
+    return len(view_ids(feature, view)) - int(feature["prompt_len"])
 
 
 def default_max_new_tokens(features: Sequence[dict], view: str) -> int:

@@ -5,7 +5,9 @@ Every stage writes its final export into `<stage>/export/`. With `train.export_e
 `step<N>/`). `<stage>/exports.json` lists them all, the final one included, with the step, the epoch
 and the validation result at that point. A stage that reads an earlier stage picks one with
 `inputs.<role>.export`: `last` (the final export, the default), `best` (the best validation: highest
-accuracy where the stage decodes, else lowest loss), `epoch N` or `step N`.
+accuracy where the stage decodes, else lowest loss; a stage may say otherwise, `Stage.selection_score`),
+`epoch N` or `step N`. With `train.export_best` a stage also keeps `exports/best`, which follows its best
+validation.
 """
 
 from __future__ import annotations
@@ -85,12 +87,8 @@ def record_export(stage_folder: Path, entry: dict) -> None:
 
 
 def _score(entry: dict) -> float | None:
-    validation = entry.get("validation") or {}
-    if "accuracy" in validation:
-        return validation["accuracy"]
-    if "loss" in validation:
-        return -validation["loss"]
-    return None
+    """The stage's score of the export (`Stage.selection_score`, recorded with it)."""
+    return entry.get("score")
 
 
 def select_export(stage_folder: Path, choice: ExportChoice, key: str) -> tuple[Path, dict]:
@@ -105,7 +103,7 @@ def select_export(stage_folder: Path, choice: ExportChoice, key: str) -> tuple[P
     if choice.kind == "best":
         scored = [(score, e) for e in entries if (score := _score(e)) is not None]
         if not scored:
-            raise UserError(f"{key}: best: no export of {stage_folder} has a validation result "
+            raise UserError(f"{key}: best: no export of {stage_folder} has a validation score "
                             f"(give the stage a data.valid file)")
         best = max(scored, key=lambda pair: (pair[0], -pair[1]["step"]))[1]   # ties: the earliest
         return stage_folder / best["path"], best

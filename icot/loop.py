@@ -27,7 +27,7 @@ from icot.config import Paths, StageConfig, save_resolved
 from icot.data.collate import examples_at, rank_batches
 from icot.errors import UserError
 from icot.exports import INTERMEDIATE_FOLDER, intermediate_name, record_export
-from icot.stage import Stage
+from icot.stage import Stage, StepContext
 
 
 class TrainingDiverged(UserError):
@@ -126,6 +126,7 @@ class Trainer:
         self.progress = Progress()
         self.config_changes: list[dict] = []   # settings a resumed run changed, step by step (the manifest's)
         self.saved_step: int | None = None      # the step of this run's newest checkpoint
+        self.best_score: float | None = None    # the best validation so far (train.export_best)
         self.last_validation: dict[str, float] | None = None
         self.writer = None
         self._epoch_order: tuple[int, np.ndarray] | None = None   # (epoch, batch_order): one permutation per epoch
@@ -152,6 +153,7 @@ class Trainer:
         self.progress = Progress(**client_state["progress"])
         self.stage.load_state_dict(client_state.get("stage", {}))
         self.config_changes = client_state.get("config_changes", [])
+        self.best_score = client_state.get("best_score")
         if plan.changes:
             self.config_changes.append({"step": self.progress.step, "changes": {
                 key: [old, new] for key, (old, new) in plan.changes.items()}})
@@ -195,10 +197,12 @@ class Trainer:
                     self.log(f"step {step}/{self.steps} " + " ".join(f"{k} {v:.4g}" for k, v in record.items()))
                     window_start, window_tokens = time.perf_counter(), 0
                 validation = None
-                if self.train_cfg.eval_every and step % self.train_cfg.eval_every == 0 and step < self.steps:
+                if self.validation_due(step) and step < self.steps:
                     validation = self.validate(step)
                 if self.export_due(step) and step < self.steps:
                     self.export_intermediate(step, validation if validation is not None else self.validate(step))
+                elif validation is not None:
+                    self.export_if_best(validation)
                 saved = self.train_cfg.save_every and step % self.train_cfg.save_every == 0 and step < self.steps
                 if saved:
                     self.save_checkpoint()
@@ -208,21 +212,29 @@ class Trainer:
                     bar.close()
                     self.log(f"stop requested: checkpoint written at step {step}, exiting")
                     return "preempted"
-        self.validate(self.progress.step)
+        final = self.validate(self.progress.step)
+        if final is not None:
+            self.export_if_best(final)
         self.save_checkpoint()
         return "done"
 
     def optimizer_step(self) -> tuple[dict[str, float], int]:
         """One optimizer step over this rank's micro batches; returns the all-reduced record."""
         step = self.progress.step
-        schedule = self.stage.on_step(step, step // self.steps_per_epoch)
-        indices = micro_batch_indices(self.epoch_order(step)[step % self.steps_per_epoch], self.micro,
-                                      self.accumulation, self.strategy.world_size, self.strategy.rank)
+        global_batch = self.epoch_order(step)[step % self.steps_per_epoch]
+        update = self.stage.on_step(StepContext(step, step // self.steps_per_epoch, self.steps_per_epoch, global_batch))
+        if update.reset_optimizer:
+            self.strategy.reset_optimizer(self.engine)
+        indices = micro_batch_indices(global_batch, self.micro, self.accumulation, self.strategy.world_size,
+                                      self.strategy.rank)
         sums: dict[str, float] = {}
         tokens = 0
         lr = self.strategy.current_lr(self.engine)  # the rate this step uses (the scheduler moves on after it)
         for micro_indices in indices:
-            batch = self.stage.collate(examples_at(self.train_set, micro_indices))
+            features = examples_at(self.train_set, micro_indices)
+            for feature, index in zip(features, micro_indices):
+                feature["index"] = int(index)   # for a schedule that decides per example
+            batch = self.stage.collate(features)
             metrics = self.stage.loss(self.engine, batch)
             info = self.strategy.backward_step(self.engine, metrics["loss"])
             for key, value in metrics.items():
@@ -235,7 +247,7 @@ class Trainer:
             raise TrainingDiverged(f"{self.stage.name}: loss is {record['loss']} at step {step + 1}; "
                                    f"stopping (lower train.lr or enable train.grad_clip)")
         record["lr"] = lr
-        record.update(schedule)
+        record.update(update.scalars)
         if info.grad_norm is not None:
             record["grad_norm"] = float(info.grad_norm)
         self.progress.step += 1
@@ -263,17 +275,21 @@ class Trainer:
         model = self.engine
         model.eval()
         rank, world = self.strategy.rank, self.strategy.world_size
-        sums = {"loss": 0.0, "examples": 0.0, "correct_tokens": 0.0, "label_tokens": 0.0}
+        sums: dict[str, float] = {}
         # Every rank runs the same number of batches (collectives under ZeRO-3 need it): a rank whose
         # shard is exhausted runs a padding batch that counts for nothing.
-        for rows in rank_batches(len(self.valid_set), self.micro, rank, world):
-            metrics = self.stage.loss(model, self.stage.collate(examples_at(self.valid_set, rows or [0])))
-            if rows:  # the loss weighted by examples: the same mean for any split into batches and ranks
-                sums["loss"] += len(rows) * float(metrics["loss"])
-                sums["examples"] += len(rows)
-                if "label_tokens" in metrics:
-                    sums["correct_tokens"] += float(metrics["correct_tokens"])
-                    sums["label_tokens"] += float(metrics["label_tokens"])
+        for suffix, setting in self.stage.validation_settings().items():
+            for key in ("loss", "examples", "correct_tokens", "label_tokens"):
+                sums[key + suffix] = 0.0
+            with setting:
+                for rows in rank_batches(len(self.valid_set), self.micro, rank, world):
+                    metrics = self.stage.loss(model, self.stage.collate(examples_at(self.valid_set, rows or [0])))
+                    if rows:  # the loss weighted by examples: the same mean for any split into batches and ranks
+                        sums["loss" + suffix] += len(rows) * float(metrics["loss"])
+                        sums["examples" + suffix] += len(rows)
+                        if "label_tokens" in metrics:
+                            sums["correct_tokens" + suffix] += float(metrics["correct_tokens"])
+                            sums["label_tokens" + suffix] += float(metrics["label_tokens"])
         sums["exact"], sums["generated"] = 0.0, 0.0
         if self.train_cfg.eval_examples and self.stage.generation_target is not None:
             decoded = min(self.train_cfg.eval_examples, len(self.valid_set))
@@ -285,9 +301,11 @@ class Trainer:
                                          for ids, f in zip(generated, features))
                     sums["generated"] += len(rows)
         totals = self.strategy.all_reduce_sum(sums)
-        result = {"loss": totals["loss"] / max(totals["examples"], 1)}
-        if totals["label_tokens"]:
-            result["token_accuracy"] = totals["correct_tokens"] / totals["label_tokens"]
+        result = {}
+        for suffix in self.stage.validation_settings():
+            result["loss" + suffix] = totals["loss" + suffix] / max(totals["examples" + suffix], 1)
+            if totals["label_tokens" + suffix]:
+                result["token_accuracy" + suffix] = totals["correct_tokens" + suffix] / totals["label_tokens" + suffix]
         if totals["generated"]:
             result["accuracy"] = totals["exact"] / totals["generated"]
         model.train()
@@ -304,7 +322,8 @@ class Trainer:
         folder, tag = self.paths.ckpt, checkpoints.tag_of(step)
         stage_state = self.stage.state_dict()
         self.check_same_on_every_rank(stage_state)
-        client_state = {"progress": asdict(self.progress), "stage": stage_state, "config_changes": self.config_changes}
+        client_state = {"progress": asdict(self.progress), "stage": stage_state, "config_changes": self.config_changes,
+                        "best_score": self.best_score}
         self.strategy.save_checkpoint(self.engine, folder, tag, client_state=client_state)
         self.saved_step = step
         (folder / tag).mkdir(parents=True, exist_ok=True)
@@ -330,6 +349,10 @@ class Trainer:
         return bool((epoch is not None and (self.train_cfg.export_each_epoch or epoch in self.train_cfg.export_epochs))
                     or (every and step % every == 0))
 
+    def validation_due(self, step: int) -> bool:
+        every = self.train_cfg.eval_every
+        return bool((every and step % every == 0) or (self.train_cfg.eval_each_epoch and self.epoch_at(step)))
+
     def epoch_at(self, step: int) -> int | None:
         """The number of whole epochs done at `step`, where `step` ends one."""
         return step // self.steps_per_epoch if step % self.steps_per_epoch == 0 else None
@@ -337,6 +360,16 @@ class Trainer:
     def export_intermediate(self, step: int, validation: dict | None) -> None:
         name = intermediate_name(step, self.epoch_at(step))
         self.write_export(self.paths.root / INTERMEDIATE_FOLDER / name, name, validation)
+        if validation is not None:
+            self.export_if_best(validation)
+
+    def export_if_best(self, validation: dict) -> None:
+        """With train.export_best, `<stage>/exports/best` follows the best validation (the stage's score)."""
+        score = self.stage.selection_score(validation)
+        if not self.train_cfg.export_best or score is None or (self.best_score is not None and score <= self.best_score):
+            return
+        self.best_score = score
+        self.write_export(self.paths.root / INTERMEDIATE_FOLDER / "best", "best", validation)
 
     def export_final(self) -> None:
         """The stage's export (`<stage>/export`), read by later stages and `icot eval`; on every rank."""
@@ -347,10 +380,12 @@ class Trainer:
         state_dict = self.strategy.state_dict_for_export(self.engine)
         if self.strategy.is_main:
             step = self.progress.step
+            score = self.stage.selection_score(validation) if validation else None
             try:
                 self.stage.export(self.engine, state_dict, folder)
                 record_export(self.paths.root, {"name": name, "path": str(folder.relative_to(self.paths.root)),
-                                                "step": step, "epoch": self.epoch_at(step), "validation": validation})
+                                                "step": step, "epoch": self.epoch_at(step), "validation": validation,
+                                                "score": score})
             except OSError as err:
                 raise UserError(f"cannot write the export {folder} ({err.strerror}); the checkpoint of step "
                                 f"{self.saved_step} is kept: make the folder writable and rerun to export") from None

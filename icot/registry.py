@@ -25,7 +25,7 @@ from icot.errors import UserError
 
 PLUGINS_VARIABLE = "ICOT_PLUGINS"
 ENTRY_POINT_GROUP = "icot.methods"
-VIEWS = ("cot", "nocot", "prompt")
+VIEWS = ("cot", "nocot", "prompt", "cot_removed")   # icot.data.collate.view_ids
 # Words a stage or method may not be called: pipeline steps and the recipe's own top-level keys.
 RESERVED = ("eval", "run_dir", "model", "data", "train", "inputs", "stages", "methods", "stage")
 
@@ -36,7 +36,7 @@ class Mode:
 
     name: str       # `icot eval --mode NAME`
     title: str      # its row in the results table
-    view: str       # the view whose reference continuation is generated and teacher-forced ("cot"/"nocot")
+    view: str       # the view whose reference continuation is generated and teacher-forced (cot, nocot, cot_removed)
     model: str      # "package.module:Class" of its `icot.evaluate.ModeModel` subclass
 
 
@@ -65,6 +65,7 @@ class Method:
     section: type | None = None   # the dataclass of its options: the recipe section named after the method
     shared: bool = False          # its stages belong to every method's run (the teacher, the no-CoT baseline)
     default: bool = False         # run when a recipe names no `methods:`
+    demo: str | None = None       # the recipe of `icot demo --method NAME`, in icot/recipes/
 
 
 _METHODS: dict[str, Method] = {}
@@ -99,8 +100,8 @@ def register(method: Method) -> Method:
         if spec.mode is not None:
             if spec.mode.name in _MODES:
                 problems.append(f"mode {spec.mode.name!r} is declared twice")
-            if spec.mode.view not in ("cot", "nocot"):
-                problems.append(f"mode {spec.mode.name!r}: view must be 'cot' or 'nocot'")
+            if spec.mode.view not in ("cot", "nocot", "cot_removed"):
+                problems.append(f"mode {spec.mode.name!r}: view must be 'cot', 'nocot' or 'cot_removed'")
     if problems:
         raise UserError(f"cannot register method {method.name!r}: {'; '.join(problems)}")
     method = replace(method, stages=tuple(replace(spec, method=method.name) for spec in method.stages))

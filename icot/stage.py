@@ -10,15 +10,18 @@ everything else. A stage that changes what it trains on as training goes (a curr
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from icot import registry
 from icot.config import Paths, StageConfig
-from icot.data.collate import IGNORE_INDEX, collate_generate, collate_train, to_device
+from icot.data.collate import IGNORE_INDEX, collate_generate, collate_train, to_device, view_ids
 from icot.errors import UserError
 from icot.exports import select_export
 from icot.models.decoder import decoder_config, load_decoder, set_gradient_checkpointing
@@ -26,6 +29,25 @@ from icot.models.io import save_component
 
 DONE_MARKER = "DONE"
 PREEMPTED_MARKER = "PREEMPTED"
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What the step hook knows about the optimizer step about to run (the same on every rank)."""
+
+    step: int                  # optimizer steps done before this one
+    epoch: int                 # 0-based
+    steps_per_epoch: int
+    batch: np.ndarray          # the training-set indices of the whole (global) batch of this step
+
+
+@dataclass
+class StepUpdate:
+    """What the step hook asks of the loop: scalars to log beside the loss, and whether to start the
+    optimizer afresh (its moments and step count cleared) before this step."""
+
+    scalars: dict[str, float] = field(default_factory=dict)
+    reset_optimizer: bool = False
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -85,11 +107,11 @@ class Stage(ABC):
         return config.train.batch_size * 3 * sum(tokens[view] for view in registry.get_stage(config.stage).views)
 
     # -- train -----------------------------------------------------------------------------------
-    def on_step(self, step: int, epoch: int) -> dict[str, float]:
-        """Called before every optimizer step (`step` optimizer steps done, in epoch `epoch`, 0-based) on
-        every rank; returns scalars to log beside the loss. A schedule that changes the training data
-        lives here, its state in `state_dict`."""
-        return {}
+    def on_step(self, context: StepContext) -> StepUpdate:
+        """Called before every optimizer step on every rank. A schedule that changes the training data
+        lives here (its state in `state_dict`); training examples reach `collate` with their
+        training-set `index`, so the schedule can decide per example."""
+        return StepUpdate()
 
     def state_dict(self) -> dict:
         """The schedule's state, saved in every checkpoint (identical on every rank)."""
@@ -115,13 +137,24 @@ class Stage(ABC):
         """{'loss': scalar, ...other scalars to log}; token counts for token accuracy if any."""
 
     # -- validate --------------------------------------------------------------------------------
+    def validation_settings(self) -> dict[str, object]:
+        """suffix -> context manager: the validation loss and token accuracy are measured under each
+        (e.g. `_all_removed` for a curriculum: the metric then reads `loss_all_removed`)."""
+        return {"": nullcontext()}
+
+    def selection_score(self, validation: dict[str, float]) -> float | None:
+        """How good an export validated this way is, for `best` (higher is better); None: not eligible."""
+        if "accuracy" in validation:
+            return validation["accuracy"]
+        return -validation["loss"] if "loss" in validation else None
+
     def generate(self, model: nn.Module, features: Sequence[dict], synced: bool) -> list[list[int]] | None:
         """Generated ids per example for validation accuracy; None where the stage has no decoding."""
         return None
 
     def generation_batch(self, features: Sequence[dict]) -> tuple[dict[str, torch.Tensor], int]:
         """A left-padded prompt batch and a length cap: the longest reference continuation + 4."""
-        longest = max(len(f[f"{self.generation_target}_ids"]) - int(f["prompt_len"]) for f in features)
+        longest = max(len(view_ids(f, self.generation_target)) - int(f["prompt_len"]) for f in features)
         return to_device(collate_generate(features, self.separator_id), self.strategy.device), longest + 4
 
     # -- finish ----------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ def test_task_lengths_come_from_rendered_lines():
     task = build_task("4x4", examples=3, seed=0)
     # ` a a a a * b b b b <sep>`, then `#### 8 digits <sep>`; the CoT of 4x4 is 46 words.
     assert task.prompt_len == 10
-    assert task.new_tokens == {"no_cot": 10, "explicit": 57, "implicit": 10}
+    # Every registered mode, by its view: stepwise internalization writes `<sep> #### 8 digits <sep>`.
+    assert task.new_tokens == {"no_cot": 10, "explicit": 57, "implicit": 10, "stepwise": 11}
     assert len(task.features) == 3 and task.cot_view_length == 67
     with pytest.raises(UserError, match="expected shapes like 4x4"):
         parse_task("4by4")
@@ -39,11 +40,12 @@ def test_bench_writes_every_ratio(tmp_path):
     report = json.loads(out.read_text())
     for task in ("2x2", "4x4"):
         ratios = report["ratios"]["inference"][task]
-        assert set(ratios) == {"implicit_over_no_cot_batch1", "implicit_over_no_cot_batched",
-                               "implicit_over_explicit_batch1", "implicit_over_explicit_batched"}
+        assert set(ratios) == {f"{mode}_over_{reference}_{size}" for mode in ("implicit", "stepwise")
+                               for reference in ("no_cot", "explicit") for size in ("batch1", "batched")}
         assert all(value > 0 for value in ratios.values())
         eps = report["tasks"][task]["inference"]["examples_per_s"]
-        assert set(eps) == {"no_cot", "explicit", "implicit"} and all(set(v) == {"1", "2"} for v in eps.values())
+        assert set(eps) == {"no_cot", "explicit", "implicit", "stepwise"}
+        assert all(set(v) == {"1", "2"} for v in eps.values())
         assert "ms_per_example" in report["tasks"][task]["profile"]["implicit"]["1"]
     assert set(report["ratios"]["train_step"]) == {"tiny", "2x32"}
     for entry in report["training"].values():

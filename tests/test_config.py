@@ -142,8 +142,8 @@ def test_lists_from_cli_and_yaml(recipe):
     ("inputs: {student: {export: epoch0}}\n",
      r"inputs\.student\.export: expected last, best, 'epoch N' or 'step N' \(N >= 1\), got 'epoch0'"),
     ("methods: [icot_kd, icot]\n", r"recipe\.yaml:1: methods: unknown method 'icot'; registered: icot_kd"),
-    ("method: {delta: 3}\n", r"recipe\.yaml:1: the 'method:' section is now named after its method \(icot_kd:\); "
-                             r"rename it"),
+    ("method: {delta: 3}\n", r"recipe\.yaml:1: the 'method:' section is now named after its method "
+                             r"\(icot_kd:, stepwise:\); rename it"),
 ])
 def test_unknown_keys_in_recipe(recipe, text, message):
     path = recipe(text)
@@ -269,7 +269,7 @@ def test_stage_paths():
     assert [p.name for p in (paths.config, paths.ds_config, paths.ckpt, paths.tb, paths.export, paths.manifest)] == \
         ["config.yaml", "ds_config.json", "ckpt", "tb", "export", "manifest.json"]
     assert Paths.for_stage("r", "teacher").ckpt.as_posix() == "r/teacher/ckpt"
-    assert registry.stage_names() == ["no_cot", "teacher", "mind_reading", "emulation", "coupling"]
+    assert registry.stage_names() == ["no_cot", "teacher", "mind_reading", "emulation", "coupling", "stepwise"]
 
 
 def test_a_resolved_config_written_before_method_sections_loads(tmp_path):
@@ -326,7 +326,7 @@ def test_config_command_prints_every_stage_as_it_will_be_recorded(recipe, capsys
     path = recipe("train: {lr: 1e-3}\nstages:\n  coupling:\n    inputs: {student: {export: epoch 2}}\n")
     config_cli(["--config", path, "--train.seed=7"])
     sections = capsys.readouterr().out.split("# ---- ")[1:]
-    assert [s.split(":", 1)[0] for s in sections] == registry.stage_names()
+    assert [s.split(":", 1)[0] for s in sections] == [spec.name for spec in registry.plan(["icot_kd"])]
     resolved = {data["stage"]: data for data in (yaml.safe_load(s.split("\n", 1)[1]) for s in sections)}
     assert all(data["train"]["seed"] == 7 and data["train"]["lr"] == 1e-3 for data in resolved.values())
     assert resolved["coupling"]["inputs"]["student"]["export"] == "epoch 2"

@@ -25,10 +25,11 @@ from tests.train_fixtures import run_train, stage_folder_problems  # noqa: E402
 
 
 def test_choices_select_from_the_index(tmp_path):
-    entries = [{"name": "epoch1", "path": "exports/epoch1", "step": 10, "epoch": 1, "validation": {"loss": 2.0, "accuracy": 0.5}},
-               {"name": "epoch2", "path": "exports/epoch2", "step": 20, "epoch": 2, "validation": {"loss": 1.0, "accuracy": 0.7}},
-               {"name": "step25", "path": "exports/step25", "step": 25, "epoch": None, "validation": {"loss": 0.9, "accuracy": 0.7}},
-               {"name": "last", "path": "export", "step": 30, "epoch": 3, "validation": {"loss": 0.8, "accuracy": 0.6}}]
+    # `score`: what the stage made of the validation (Stage.selection_score: accuracy, else -loss).
+    entries = [{"name": "epoch1", "path": "exports/epoch1", "step": 10, "epoch": 1, "score": 0.5},
+               {"name": "epoch2", "path": "exports/epoch2", "step": 20, "epoch": 2, "score": 0.7},
+               {"name": "step25", "path": "exports/step25", "step": 25, "epoch": None, "score": 0.7},
+               {"name": "last", "path": "export", "step": 30, "epoch": 3, "score": 0.6}]
     for entry in reversed(entries):
         record_export(tmp_path, entry)
     assert [e["name"] for e in json.loads((tmp_path / "exports.json").read_text())] == \
@@ -44,16 +45,16 @@ def test_choices_select_from_the_index(tmp_path):
     with pytest.raises(UserError, match=r"inputs\.student\.export: epoch 4: .* kept no such export \(kept: epoch 1, "
                                         r"epoch 2, step 25, epoch 3\)"):
         chosen("epoch 4")
-    # Without accuracy, the lowest loss; without validation at all, `best` is an error naming the key.
+    # Without accuracy, the lowest loss; without any score at all, `best` is an error naming the key.
     losses = tmp_path / "losses"
     losses.mkdir()
     for step, loss in ((1, 3.0), (2, 1.5), (3, 2.0)):
         record_export(losses, {"name": f"step{step}", "path": f"exports/step{step}", "step": step, "epoch": None,
-                               "validation": {"loss": loss}})
+                               "score": -loss})
     assert select_export(losses, ExportChoice("best"), "k")[1]["name"] == "step2"
     bare = tmp_path / "bare"
     bare.mkdir()
-    with pytest.raises(UserError, match=r"k: best: no export of .* has a validation result"):
+    with pytest.raises(UserError, match=r"k: best: no export of .* has a validation score"):
         select_export(bare, ExportChoice("best"), "k")
     assert select_export(bare, ExportChoice("last"), "k")[0] == bare / "export"   # folders from before the index
 

@@ -9,6 +9,7 @@ mixture).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,50 @@ def test_gsm8k_recipes_keep_the_papers_settings(name):
         assert config.data.test == "data/gsm8k/test.txt"
         if spec.method == "icot_kd":
             assert (config.icot_kd.mixture, config.icot_kd.freeze) == ("token", "student")
+
+
+# The stepwise-internalization README's commands (da03/Internalize_CoT_Step_by_Step, README.md "Training"
+# for 9x9 with GPT-2, and "Command for GSM8K" with Mistral-7B), one entry per exported variable. The
+# 4x4 settings are the 9x9 ones (issue #7); 5x5, 7x7 and GPT-2 on GSM8K are not in the repository.
+STEPWISE_COMMANDS = {
+    "mult": {"MODEL": "gpt2", "EPOCHS": 200, "LR": 5e-5, "BSZ": 32, "ACCUMULATE": 1, "REMOVE_PER_EPOCH": 8,
+             "REMOVE_ALL_WHEN_REMOVE_BEYOND": math.inf, "REMOVAL_SMOOTHING_LAMBDA": 4, "REMOVAL_SIDE": "left",
+             "PRETRAIN_EPOCHS": 0, "SEED": 3456, "reset_optimizer": True, "bf16": False, "MAX_LEN_TRAIN": None},
+    "gsm8k": {"MODEL": "Mistral-7B-v0.1", "EPOCHS": 80, "LR": 1e-5, "BSZ": 16, "ACCUMULATE": 2,
+              "REMOVE_PER_EPOCH": 8, "REMOVE_ALL_WHEN_REMOVE_BEYOND": 39, "REMOVAL_SMOOTHING_LAMBDA": 4,
+              "REMOVAL_SIDE": "left", "PRETRAIN_EPOCHS": 0, "SEED": 1234, "reset_optimizer": True, "bf16": True,
+              "MAX_LEN_TRAIN": 150},
+}
+STEPWISE_RECIPES = {"stepwise_gpt2_small_4x4": "mult", "stepwise_gpt2_small_5x5": "mult",
+                    "stepwise_gpt2_small_7x7": "mult", "stepwise_gpt2_small_9x9": "mult",
+                    "stepwise_mistral_7b_gsm8k": "gsm8k"}
+
+
+@pytest.mark.parametrize("name", sorted(STEPWISE_RECIPES))
+def test_stepwise_recipes_follow_the_reference_commands(name):
+    command = STEPWISE_COMMANDS[STEPWISE_RECIPES[name]]
+    recipe = str(RECIPES / f"{name}.yaml")
+    assert load_methods(recipe) == ["stepwise"]
+    config = load_stage_config("stepwise", recipe)
+    options = config.stepwise
+    assert config.model.name_or_path == f"models/{command['MODEL']}"
+    assert config.train.epochs == command["EPOCHS"] and config.train.max_steps is None
+    assert config.train.lr == command["LR"]
+    assert config.train.batch_size == command["BSZ"] * command["ACCUMULATE"]   # the global batch
+    assert options.remove_per_epoch == command["REMOVE_PER_EPOCH"]
+    threshold = command["REMOVE_ALL_WHEN_REMOVE_BEYOND"]
+    assert (options.remove_all_beyond is None) == math.isinf(threshold)
+    if not math.isinf(threshold):
+        assert options.remove_all_beyond == threshold
+    assert options.smoothing_lambda == command["REMOVAL_SMOOTHING_LAMBDA"] and options.side == command["REMOVAL_SIDE"]
+    assert options.pretrain_epochs == command["PRETRAIN_EPOCHS"] and options.remove_start_from == 0
+    assert config.train.seed == command["SEED"] and options.reset_optimizer is command["reset_optimizer"]
+    assert config.train.precision == ("bf16" if command["bf16"] else "fp32")
+    assert options.max_length == command["MAX_LEN_TRAIN"]
+    # What train.py fixes: torch AdamW (weight decay 0.01), constant LR, no warmup, clipping at 1.0, a
+    # validation each epoch; from the pretrained base model.
+    assert (config.train.weight_decay, config.train.schedule, config.train.warmup_steps) == (0.01, "constant", 0)
+    assert config.train.grad_clip == 1.0 and config.train.eval_each_epoch and options.start == "base"
+    if STEPWISE_RECIPES[name] == "mult":
+        digits = name.rsplit("_", 1)[1].split("x")[0]
+        assert config.data.test == f"data/{digits}_by_{digits}_mult/test_bigbench.txt"

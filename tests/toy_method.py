@@ -20,7 +20,7 @@ from icot.evaluate import DecoderModel
 from icot.models.generation import generate_explicit
 from icot.models.io import load_component
 from icot.registry import Method, Mode, StageSpec, register
-from icot.stage import Stage, lm_metrics, prepare_decoder, unwrap
+from icot.stage import Stage, StepUpdate, lm_metrics, prepare_decoder, unwrap
 
 
 @dataclass
@@ -41,10 +41,10 @@ class ToyStage(Stage):
         decoder = self.strategy.load_pretrained(lambda: load_component(self.input_export("start"), expect="decoder"))
         return prepare_decoder(decoder, self.config, dropout=self.config.model.dropout)
 
-    def on_step(self, step, epoch):
-        if step % self.config.toy_curriculum.every == 0 and step > 0:
+    def on_step(self, context):
+        if context.step % self.config.toy_curriculum.every == 0 and context.step > 0:
             self.removed += self.config.toy_curriculum.remove + int(self.rng.integers(0, 2))
-        return {"removed_tokens": float(self.removed)}
+        return StepUpdate({"removed_tokens": float(self.removed)})
 
     def state_dict(self):
         return {"removed": self.removed, "rng": self.rng.bit_generator.state}

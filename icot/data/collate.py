@@ -15,14 +15,19 @@ import torch
 
 from icot.data.views import separator_positions
 
-VIEWS = ("cot", "nocot", "prompt")
+VIEWS = ("cot", "nocot", "prompt", "cot_removed")
 IGNORE_INDEX = -100
 
 
 def view_ids(feature: dict, view: str) -> list[int]:
-    """The token ids of one feature in `view`; the prompt is the without-CoT prefix through the first separator."""
+    """The token ids of one feature in `view`; the prompt is the without-CoT prefix through the first
+    separator; `cot_removed` is the with-CoT view without its CoT (` q <sep> <sep> #### a <sep>`: what a
+    model whose CoT was internalized step by step writes)."""
     if view == "cot":
         return as_list(feature["cot_ids"])
+    if view == "cot_removed":
+        ids, prompt_len = as_list(feature["cot_ids"]), int(feature["prompt_len"])
+        return ids[:prompt_len] + ids[second_separator(ids, prompt_len):]
     nocot_ids = as_list(feature["nocot_ids"])
     if view == "nocot":
         return nocot_ids

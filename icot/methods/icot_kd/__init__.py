@@ -41,6 +41,7 @@ METHOD = register(Method(
     title="ICoT-KD (implicit CoT by knowledge distillation, Deng et al. 2023)",
     section=IcotKdConfig,
     default=True,
+    demo="demo.yaml",
     stages=(
         StageSpec("mind_reading", "icot.methods.icot_kd.mind_reading:MindReadingStage",
                   "mind-reading the teacher: a student answers from the teacher's diagonal states",
