@@ -38,7 +38,7 @@ import pytest
 pytest.register_assert_rewrite("tests.train_fixtures")
 pytest_plugins = ["tests.train_fixtures"]
 
-from tests.train_fixtures import (ROOT, icot_env, launch_and_signal, make_workspace, read_scalars,  # noqa: E402
+from tests.train_fixtures import (icot_env, launch_and_signal, make_workspace, read_scalars,  # noqa: E402
                                   run_train, stage_folder_problems, train_command, write_recipe)
 
 CKPT = "run/teacher/ckpt"

@@ -5,20 +5,17 @@ Loss: sum over layers and dimensions of squared error / 2 (+ mixture cross-entro
 from icot.methods.icot_kd.teacher_source import TeacherSource
 from icot.models.coupled import check_compatible
 from icot.models.emulator import Emulator
-from icot.stage import Stage, fresh_decoder, prepare_decoder, unwrap
+from icot.stage import Stage, unwrap
 
 
 class EmulationStage(Stage):
     def build(self):
         options = self.config.icot_kd
         self.teacher = TeacherSource(self)
-        if options.init_from_teacher:
-            decoder = prepare_decoder(self.teacher.load_decoder_copy(), self.config, dropout=0.0)
-        else:
-            decoder = fresh_decoder(self.config, self.tokenizer, dropout=0.0, strategy=self.strategy)
         # `token`: one component per vocabulary token, supervised by the CoT token at t_l.
         mixture_size = len(self.tokenizer) if options.mixture == "token" else 1
-        emulator = Emulator(decoder, mixture_size=mixture_size, temperature=options.mixture_temperature)
+        emulator = Emulator(self.teacher.trained_decoder(), mixture_size=mixture_size,
+                            temperature=options.mixture_temperature)
         check_compatible(teacher=self.teacher.model, emulator=emulator)
         self.teacher.prepare()
         return emulator
@@ -26,8 +23,7 @@ class EmulationStage(Stage):
     @classmethod
     def work_per_step(cls, config, tokens):
         # The emulator reads the prompt; the teacher reads the with-CoT view forward only.
-        teacher = 0 if config.icot_kd.teacher_state_cache else tokens["cot"]
-        return config.train.batch_size * (3 * tokens["prompt"] + teacher)
+        return config.train.batch_size * (3 * tokens["prompt"] + TeacherSource.work_per_step(config) * tokens["cot"])
 
     def prepare_train_set(self, train_set):
         return self.teacher.attach_cache(train_set)

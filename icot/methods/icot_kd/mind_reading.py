@@ -8,7 +8,7 @@ from icot.methods.icot_kd.teacher_source import TeacherSource
 from icot.models.coupled import check_compatible
 from icot.models.generation import greedy_decode
 from icot.models.student import Student
-from icot.stage import Stage, fresh_decoder, lm_metrics, prepare_decoder, unwrap
+from icot.stage import Stage, lm_metrics, unwrap
 
 
 class MindReadingStage(Stage):
@@ -16,11 +16,7 @@ class MindReadingStage(Stage):
 
     def build(self):
         self.teacher = TeacherSource(self)
-        if self.config.icot_kd.init_from_teacher:
-            decoder = prepare_decoder(self.teacher.load_decoder_copy(), self.config, dropout=0.0)
-        else:
-            decoder = fresh_decoder(self.config, self.tokenizer, dropout=0.0, strategy=self.strategy)
-        student = Student(decoder)
+        student = Student(self.teacher.trained_decoder())
         check_compatible(teacher=self.teacher.model, student=student)
         self.teacher.prepare()
         return student
@@ -28,8 +24,7 @@ class MindReadingStage(Stage):
     @classmethod
     def work_per_step(cls, config, tokens):
         # The student trains on the without-CoT view; the teacher reads the with-CoT view forward only.
-        teacher = 0 if config.icot_kd.teacher_state_cache else tokens["cot"]
-        return config.train.batch_size * (3 * tokens["nocot"] + teacher)
+        return config.train.batch_size * (3 * tokens["nocot"] + TeacherSource.work_per_step(config) * tokens["cot"])
 
     def prepare_train_set(self, train_set):
         return self.teacher.attach_cache(train_set)

@@ -22,7 +22,7 @@ from icot.errors import UserError
 from icot.models.decoder import decoder_shape
 from icot.models.io import load_component
 from icot.models.teacher_states import diagonal_positions, teacher_states
-from icot.stage import unwrap
+from icot.stage import fresh_decoder, prepare_decoder, unwrap
 
 CACHE_FOLDER = "state_cache"
 
@@ -42,9 +42,20 @@ class TeacherSource:
         self.model = teacher      # the plain module until `prepare` wraps it
         self.cache: torch.Tensor | None = None
 
-    def load_decoder_copy(self):
-        """The teacher's weights as a fresh trainable decoder (`method.init_from_teacher`)."""
-        return self.strategy.load_pretrained(lambda: load_component(self.export, expect="decoder"))
+    def trained_decoder(self):
+        """The decoder the stage trains beside the teacher: a copy of the teacher's weights
+        (`icot_kd.init_from_teacher`) or a fresh one; dropout off."""
+        config = self.stage.config
+        if config.icot_kd.init_from_teacher:
+            decoder = self.strategy.load_pretrained(lambda: load_component(self.export, expect="decoder"))
+            return prepare_decoder(decoder, config, dropout=0.0)
+        return fresh_decoder(config, self.stage.tokenizer, dropout=0.0, strategy=self.strategy)
+
+    @staticmethod
+    def work_per_step(config) -> float:
+        """Tokens the teacher reads per example and step (a forward over the with-CoT view), 0 with the
+        cache; in the units of `Stage.work_per_step`."""
+        return 0.0 if config.icot_kd.teacher_state_cache else 1.0
 
     def prepare(self) -> None:
         """Wrap the teacher as a frozen engine (after shape checks against the trained model)."""
