@@ -133,3 +133,32 @@ icot_kd: {{mixture: token, freeze: student}}
     evaluated = icot("eval", "--mode", "implicit", "--run_dir", "run", "--data", str(test_slice),
                      "--out", "eval.json", cwd=tmp_path)
     assert json.loads((tmp_path / "eval.json").read_text())["examples"] == 12, evaluated.stdout
+
+
+def test_stepwise_demo_evaluates_on_the_official_test_set_or_says_it_generated_one(tmp_path, reference_data):
+    tiny = [*TINY, "--stepwise.remove_per_epoch=8", "--eval_max_examples", "12", "--train", "256", "--valid", "16",
+            "--test", "24"]
+    absent = tmp_path / "no_reference_data"
+    absent.mkdir()
+    env = {key: value for key, value in os.environ.items() if key != "ICOT_REFERENCE_DATA"}
+    generated = subprocess.run([sys.executable, "-m", "icot", "demo", "--method", "stepwise", "--out", "generated",
+                                "--reference_data", str(absent), *tiny], cwd=tmp_path,
+                               env=dict(env, DS_ACCELERATOR="cpu"), capture_output=True, text=True, timeout=900)
+    assert generated.returncode == 0, generated.stdout[-3000:] + generated.stderr[-3000:]
+    assert "evaluating on a generated test split instead" in generated.stdout
+    results = json.loads((tmp_path / "generated/run/results.json").read_text())
+    assert set(results["modes"]) == {"no_cot", "explicit", "stepwise"}
+    assert results["modes"]["stepwise"]["examples"] == 12
+    assert "Stepwise internalization" in (tmp_path / "generated/run/results.md").read_text()
+    assert len((tmp_path / "generated/data/test.txt").read_text().splitlines()) == 24
+
+    official = icot("demo", "--method", "stepwise", "--out", "official", "--reference_data", str(reference_data),
+                    *tiny, cwd=tmp_path)
+    test_file = reference_data / "4_by_4_mult/test_bigbench.txt"
+    assert f"evaluating on the official test set {test_file}" in official.stdout
+    assert not (tmp_path / "official/data/test.txt").exists()   # no generated test split
+    official_pairs = {line.split("||")[0] for line in test_file.read_text().splitlines()}
+    train_pairs = {line.split("||")[0] for line in (tmp_path / "official/data/train.txt").read_text().splitlines()}
+    assert not official_pairs & train_pairs
+    manifest = json.loads((tmp_path / "official/run/stepwise/manifest.json").read_text())
+    assert manifest["data"]["test"] == str(test_file)
