@@ -101,6 +101,11 @@ class Stage(ABC):
         return train_set
 
     @classmethod
+    def roles_read(cls, config: StageConfig) -> tuple[str, ...]:
+        """The declared inputs (`reads`) this config actually reads (a stage may start without one)."""
+        return tuple(registry.get_stage(config.stage).reads)
+
+    @classmethod
     def work_per_step(cls, config: StageConfig, tokens: dict[str, float]) -> float:
         """Tokens through the decoders per optimizer step (a training pass counts three forwards), from
         the mean tokens of each view; the pipeline's time estimate weighs stages by it."""
@@ -186,7 +191,8 @@ def stage_folder(config: StageConfig, role: str) -> Path:
 
 def input_folders(config: StageConfig) -> dict[str, Path]:
     """Every earlier stage folder this config's stage reads, by role."""
-    return {role: stage_folder(config, role) for role in registry.get_stage(config.stage).reads}
+    roles = registry.get_stage(config.stage).load().roles_read(config)
+    return {role: stage_folder(config, role) for role in roles}
 
 
 def input_exports(config: StageConfig) -> dict[str, tuple[Path, dict]]:

@@ -131,6 +131,72 @@ def test_removed_cot_batches_equal_hand_built_sequences():
     assert stage.collate([short])["cot"]["input_ids"].tolist() == [[7, SEP, 12, SEP, 2, 9, SEP]]
 
 
+def reference_kept_positions(length: int, first_sep: int, removed: int, new_length: int) -> list[int]:
+    """train.py:287-320 with --keep_position: arange, += removed from the first separator on, truncated."""
+    positions = list(range(length))
+    for i in range(first_sep, length):   # removal_from - 1 = first_sep for the left side
+        positions[i] += removed
+    return positions[:new_length]
+
+
+def test_kept_positions_equal_the_references_position_ids():
+    from icot.models.positions import shifted_positions
+    from tests.model_helpers import tiny_gpt2
+
+    model = tiny_gpt2().eval()
+    examples = [[5, 6, SEP, 14, 15, 16, SEP, 2, 9, SEP], [7, SEP, 12, 13, SEP, 2, 9, SEP]]
+    first_seps, removed = [2, 1], [2, 1]
+    rows = [ids[:f + 1] + ids[f + 1 + r:] for ids, f, r in zip(examples, first_seps, removed)]
+    width = max(len(r) for r in rows)
+    input_ids = torch.tensor([r + [SEP] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    positions = torch.tensor([reference_kept_positions(len(ids), f, r, len(row)) + [0] * (width - len(row))
+                              for ids, f, r, row in zip(examples, first_seps, removed, rows)])
+    assert positions[0, :len(rows[0])].tolist() == [0, 1, 4, 5, 6, 7, 8, 9]   # 14 15 gone: the separator sits at 4
+    want = model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits
+    with shifted_positions(model, torch.tensor(first_seps), torch.tensor(removed)):
+        got = model(input_ids=input_ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert torch.equal(got[real], want[real])
+    plain = model(input_ids=input_ids, attention_mask=mask).logits
+    assert not torch.allclose(plain[real], want[real])   # the shift changes the logits: it is applied
+
+
+def test_kept_positions_in_decoding_continue_from_the_shifted_separator():
+    from icot.data.collate import collate_generate
+    from icot.models.generation import generate_explicit
+    from icot.models.positions import shifted_positions
+    from tests.model_helpers import tiny_gpt2
+
+    model = tiny_gpt2(hidden=32).eval()
+    prompts = [[5, 6, 8, SEP], [7, SEP]]
+    batch = collate_generate([{"nocot_ids": p + [3, SEP], "prompt_len": len(p)} for p in prompts], SEP)
+    shift = 3
+    with shifted_positions(model, batch["position_ids"][:, -1], torch.full((2,), shift)):
+        got = generate_explicit(model, batch, separator_id=SEP, max_new_tokens=6)
+    for prompt, row in zip(prompts, got):   # one prompt at a time, positions written out by hand
+        ids = list(prompt)
+        positions = list(range(len(prompt) - 1)) + [len(prompt) - 1 + shift]
+        want = []
+        while len(want) < 6 and want.count(SEP) < 2:
+            logits = model(input_ids=torch.tensor([ids]), position_ids=torch.tensor([positions])).logits[0, -1]
+            token = int(logits.argmax())
+            want.append(token)
+            ids.append(token)
+            positions.append(positions[-1] + 1)
+        assert row == want
+
+
+def test_keep_position_refuses_decoders_without_learned_positions():
+    from icot.errors import UserError
+    from icot.models.positions import shifted_positions
+    from tests.model_helpers import tiny_llama
+
+    with pytest.raises(UserError, match="learned absolute position embeddings"):
+        with shifted_positions(tiny_llama(), torch.tensor([1]), torch.tensor([1])):
+            pass
+
+
 # --------------------------------------------------------------------------------------------------
 # Training runs.
 
@@ -191,6 +257,41 @@ def test_two_ranks_remove_what_one_removes(ws):
     assert two["train/removed_tokens"] == one["train/removed_tokens"]
     for (step, a), (_, b) in zip(one["train/loss"], two["train/loss"], strict=True):
         assert a == pytest.approx(b, rel=1e-5), step   # the same examples with the same offsets
+
+
+def test_keep_position_trains_exports_its_shift_and_evaluates_with_it(ws, straight):
+    overrides = ["--run_dir=kept", f"--inputs.start.dir={ws / 'run/teacher'}", "--model.dropout=0.1",
+                 "--stepwise.keep_position=true"]
+    run_train(ws, "stepwise", ws / "recipe.yaml", *overrides)
+    root = ws / "kept/stepwise"
+    got = read_scalars(root / "tb")
+    assert got["train/removed_tokens"] == straight["train/removed_tokens"]
+    # Step 1 removes nothing (the same loss); once tokens are removed the kept positions change it.
+    assert got["train/loss"][0] == straight["train/loss"][0] and got["train/loss"][-1] != straight["train/loss"][-1]
+    description = json.loads((root / "export/icot_component.json").read_text())
+    assert description["keep_position"] is True and description["position_shift"] == 23   # 23 scheduled, CoT 24
+    evaluated = subprocess.run([sys.executable, "-m", "icot", "eval", "--mode", "stepwise", "--run_dir", "kept",
+                                "--data", "data/test.txt"], cwd=ws, env=icot_env(), capture_output=True, text=True)
+    assert evaluated.returncode == 0 and re.search(r'"examples": 9', evaluated.stdout), evaluated.stderr[-2000:]
+    refused = run_train(ws, "stepwise", ws / "recipe.yaml", "--run_dir=kept_right", *overrides[1:],
+                        "--stepwise.side=right", check=False)
+    assert refused.returncode != 0 and "supported with stepwise.side left only" in refused.stderr
+
+
+def test_a_llama_from_scratch_on_zero3_with_bf16_and_activation_checkpointing(ws, straight):
+    overrides = ["--run_dir=llama", "--stepwise.start=base", "--model.family=llama", "--train.zero_stage=3",
+                 "--train.precision=bf16", "--model.gradient_checkpointing=true", "--train.max_steps=6"]
+    run_train(ws, "stepwise", ws / "recipe.yaml", *overrides, nproc=2)
+    root = ws / "llama/stepwise"
+    assert stage_folder_problems(root, "stepwise") == []
+    ds_config = json.loads((root / "ds_config.json").read_text())
+    assert ds_config["zero_optimization"]["stage"] == 3 and ds_config["bf16"] == {"enabled": True}
+    got = read_scalars(root / "tb")
+    # The schedule depends on the data and the seed only: the same removals as the GPT-2 run's.
+    assert got["train/removed_tokens"] == straight["train/removed_tokens"][:6]
+    assert all(math.isfinite(value) for _, value in got["train/loss"])
+    config = json.loads((root / "export/config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
 
 
 def test_compare_lists_stepwise_beside_the_other_methods(ws):

@@ -32,6 +32,10 @@ class StepwiseConfig:
     remove_start_from: int = option(0, minimum=0, help="tokens removed at the start")
     reset_optimizer: bool = option(True, help="a fresh AdamW at every removal increment (the reference's "
                                               "--reset_optimizer), unless the previous batch had no CoT left")
+    keep_position: bool = option(
+        False, help="the tokens left keep their positions and the first separator takes the last removed token's "
+                    "(the reference's --keep_position; GPT-2-family decoders only); inference shifts the "
+                    "positions from the separator on as the final removal did")
     max_length: Optional[int] = option(
         None, minimum=1, help="drop from a batch the examples still longer than this after the removal "
                               "(the reference skips the whole batch; GSM8K: 150); null: no limit")

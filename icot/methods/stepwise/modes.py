@@ -1,10 +1,37 @@
 """Stepwise internalization's mode: the fine-tuned decoder answers from the prompt, writing what CoT it
-still has (none, once internalized: `<sep> #### answer <sep>`), stopped after two separators."""
+still has (none, once internalized: `<sep> #### answer <sep>`), stopped after two separators. An export
+trained with `keep_position` records the shift its positions take from the separator on
+(`position_shift` in icot_component.json), and is decoded and teacher-forced with it."""
+
+from contextlib import nullcontext
+
+import torch
 
 from icot.evaluate import DecoderModel
 from icot.models.generation import generate_explicit
+from icot.models.io import read_description
+from icot.models.positions import shifted_positions
 
 
 class StepwiseModel(DecoderModel):
+    @property
+    def position_shift(self) -> int | None:
+        if self.folder is None:
+            return None
+        return read_description(self.folder).get("position_shift")
+
+    def kept_positions(self, separator_positions: torch.Tensor):
+        shift = self.position_shift
+        if shift is None:
+            return nullcontext()
+        return shifted_positions(self.model, separator_positions, torch.full_like(separator_positions, shift))
+
     def generate(self, batch, max_new_tokens, synced=False):
-        return generate_explicit(self.model, batch, self.separator_id, max_new_tokens, synced)
+        # Left-padded prompts: the separator's position is the last column's.
+        with self.kept_positions(batch["position_ids"][:, -1]):
+            return generate_explicit(self.model, batch, self.separator_id, max_new_tokens, synced)
+
+    @torch.no_grad()
+    def logits(self, batch):
+        with self.kept_positions(batch["first_sep"]):
+            return super().logits(batch)

@@ -104,13 +104,20 @@ class RemovalSchedule:
         return int(np.random.default_rng([self.seed, step, index]).choice(OFFSETS, p=self.distribution))
 
 
+def removal_count(prompt_len: int, second_sep: int, to_remove: float) -> int:
+    """How many CoT tokens `to_remove` takes from an example: at most its whole CoT."""
+    if to_remove <= 0:
+        return 0
+    cot = second_sep - prompt_len
+    return cot if math.isinf(to_remove) else min(int(to_remove), cot)
+
+
 def remove_cot(ids: list[int], prompt_len: int, second_sep: int, to_remove: float, side: str) -> list[int]:
     """`ids` (the with-CoT view) without `to_remove` CoT tokens from the left or the right; never the
     separators (train.py:289-306)."""
-    if to_remove <= 0:
+    cut = removal_count(prompt_len, second_sep, to_remove)
+    if cut == 0:
         return list(ids)
-    cot = second_sep - prompt_len
-    cut = cot if math.isinf(to_remove) else min(int(to_remove), cot)
     if side == "left":
         return ids[:prompt_len] + ids[prompt_len + cut:]
     return ids[:second_sep - cut] + ids[second_sep:]

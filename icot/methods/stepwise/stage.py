@@ -3,19 +3,26 @@
 Trained: the decoder, dropout as model.dropout (GPT-2's 0.1 in the reference). Frozen: nothing.
 Loss: cross-entropy on what is left of the CoT and the answer. Validation measures the loss and token
 accuracy at the current removal (no random offsets) and with the whole CoT removed, and decodes from
-the prompt (like explicit CoT: until two separators); once no CoT is left, `best` follows its accuracy."""
+the prompt (like explicit CoT: until two separators); once no CoT is left, `best` follows its accuracy.
+With `keep_position` (the reference's --keep_position, GPT-2 only as there) the tokens left keep their
+positions (icot/models/positions.py). The reference's decoding ignores it (its generate.py does not pass
+positions); icot decodes with the shift the example's removal gives, and an export records the final
+removal's (the mean CoT length once everything is removed) for `icot eval`."""
 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
+import torch
 
 from icot.data.collate import as_list, second_separator
-from icot.methods.stepwise.schedule import RemovalSchedule, remove_cot
+from icot.errors import UserError
+from icot.methods.stepwise.schedule import RemovalSchedule, removal_count, remove_cot
 from icot.models.generation import generate_explicit
 from icot.models.io import load_component
+from icot.models.positions import position_embedding, shifted_positions
 from icot.stage import Stage, fresh_decoder, lm_metrics, prepare_decoder, unwrap
 
 
@@ -50,16 +57,40 @@ class StepwiseStage(Stage):
         self.removals: dict[int, float] = {}     # this step's examples: tokens each removes
         self.evaluating: float | None = None     # the removal validation measures (None: the schedule's)
 
+    @classmethod
+    def roles_read(cls, config):
+        return ("start",) if config.stepwise.start == "teacher" else ()
+
     def build(self):
         dropout = self.config.model.dropout
+        if self.options.keep_position and self.options.side != "left":
+            raise UserError("stepwise.keep_position: supported with stepwise.side left only (inference would "
+                            "have to shift positions inside the CoT it writes)")
         if self.options.start == "teacher":
             decoder = self.strategy.load_pretrained(lambda: load_component(self.input_export("start"), expect="decoder"))
-            return prepare_decoder(decoder, self.config, dropout)
-        return fresh_decoder(self.config, self.tokenizer, dropout=dropout, strategy=self.strategy)
+            decoder = prepare_decoder(decoder, self.config, dropout)
+        else:
+            decoder = fresh_decoder(self.config, self.tokenizer, dropout=dropout, strategy=self.strategy)
+        if self.options.keep_position:
+            position_embedding(decoder)   # refuses decoders without learned absolute positions
+        return decoder
 
     def prepare_train_set(self, train_set):
         self.cot_lengths = cot_lengths(train_set, self.separator_id)
         return train_set
+
+    def final_position_shift(self) -> int:
+        """The shift inference applies with keep_position: the tokens the final schedule removes, the
+        training set's mean CoT length (rounded) once that is everything (exact for multiplication,
+        whose CoT length is fixed)."""
+        mean = int(round(float(np.mean(self.cot_lengths))))
+        return mean if math.isinf(self.schedule.scheduled) else min(int(self.schedule.scheduled), mean)
+
+    def export_extra(self) -> dict:
+        extra = super().export_extra()
+        if self.options.keep_position:
+            extra.update(keep_position=True, position_shift=self.final_position_shift())
+        return extra
 
     # -- the schedule ------------------------------------------------------------------------------
     def on_step(self, context):
@@ -87,17 +118,27 @@ class StepwiseStage(Stage):
         for feature in features:
             ids, prompt_len = as_list(feature["cot_ids"]), int(feature["prompt_len"])
             second = second_separator(ids, prompt_len)
-            trimmed.append(dict(feature, cot_ids=remove_cot(ids, prompt_len, second, self.to_remove(feature),
-                                                            self.options.side)))
+            to_remove = self.to_remove(feature)
+            trimmed.append(dict(feature, cot_ids=remove_cot(ids, prompt_len, second, to_remove, self.options.side),
+                                removed=removal_count(prompt_len, second, to_remove)))
         limit = self.options.max_length
         if limit is not None:
             fitting = [f for f in trimmed if len(f["cot_ids"]) <= limit]
             trimmed = fitting or [min(trimmed, key=lambda f: len(f["cot_ids"]))]
-        return {"cot": self.collate_view(trimmed, "cot")}
+        batch = self.collate_view(trimmed, "cot")
+        batch["removed"] = torch.tensor([f["removed"] for f in trimmed], device=batch["input_ids"].device)
+        return {"cot": batch}
+
+    def kept_positions(self, model, first_sep, removed):
+        """With keep_position, the positions the removed tokens had stay taken; else nothing changes."""
+        if not self.options.keep_position:
+            return nullcontext()
+        return shifted_positions(unwrap(model), first_sep, removed)
 
     def loss(self, model, batch):
         cot = batch["cot"]
-        output = model(input_ids=cot["input_ids"], attention_mask=cot["attention_mask"], labels=cot["labels"])
+        with self.kept_positions(model, cot["first_sep"], cot["removed"]):
+            output = model(input_ids=cot["input_ids"], attention_mask=cot["attention_mask"], labels=cot["labels"])
         return lm_metrics(output, cot["labels"])
 
     # -- validation --------------------------------------------------------------------------------
@@ -121,4 +162,9 @@ class StepwiseStage(Stage):
         # The cap covers what the model may still write of its CoT: the longest CoT left plus the answer.
         longest_cot = max(second_separator(as_list(f["cot_ids"]), int(f["prompt_len"])) - int(f["prompt_len"])
                           for f in features)
-        return generate_explicit(unwrap(model), batch, self.separator_id, cap + longest_cot, synced)
+        removed = torch.tensor([removal_count(int(f["prompt_len"]), second_separator(as_list(f["cot_ids"]),
+                                                                                    int(f["prompt_len"])),
+                                              self.to_remove(f)) for f in features])
+        # The prompt is left-padded: its separator's position is the last column's.
+        with self.kept_positions(model, batch["position_ids"][:, -1], removed):
+            return generate_explicit(unwrap(model), batch, self.separator_id, cap + longest_cot, synced)
