@@ -30,6 +30,8 @@ from icot.errors import UserError
 
 STEPS_PER_PRINT = 1_000_000_000  # DeepSpeed's own step log is noise; the training loop logs
 CLIENT_KEY = "icot_client_state"
+# Set once this process has started a process group: `icot` then exits without finalization (cli.py).
+process_group_started = False
 _FINAL_SYNC: list[torch.Tensor] = []  # see Strategy.shutdown
 CPU_OFFLOAD = {"device": "cpu", "pin_memory": True}
 
@@ -291,6 +293,8 @@ class Strategy:
         import deepspeed
         import torch.distributed as dist
 
+        global process_group_started
+        process_group_started = True
         if not dist.is_initialized():
             _single_process_env()
             if not use_cpu():
@@ -341,7 +345,8 @@ class Strategy:
         interpreter and the process aborts ("terminate called without an active exception", exit -6)
         after a successful run: about 1 run in 10 on a 2-core machine (gdb: ProcessGroupGloo::runLoop ->
         ~AsyncAllreduceWork -> decref_pyobject -> take_gil). Everything is written and flushed by now.
-        One-process runs return normally (they may run inside a caller's interpreter).
+        One-process runs return normally (they may run inside a caller's interpreter); `icot train`
+        ends those the same way once the stage returns.
         """
         if self.world_size > 1:
             sys.stdout.flush()

@@ -30,7 +30,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -278,14 +278,17 @@ def test_ctrl_c_in_the_pipeline_lets_the_stage_checkpoint(ws):
     process = subprocess.Popen(command, cwd=ws, env=icot_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, start_new_session=True)
     root = ws / "pipe-interrupt/teacher"
+    watchdog = threading.Timer(600, process.kill)   # a hang fails the test instead of blocking
+    watchdog.start()
     try:
-        while not (root / "tb").is_dir() or not list((root / "tb").glob("events*")):   # the stage is training
-            assert process.poll() is None, process.stderr.read()[-2000:]
-            time.sleep(0.2)
-        time.sleep(2)
+        for line in process.stdout:   # the stage is training once it logs a step (setup can take a while)
+            if "[icot teacher] step 2/" in line:
+                break
+        assert process.poll() is None, process.stderr.read()[-2000:]
         os.killpg(process.pid, signal.SIGINT)   # Ctrl-C reaches the terminal's whole process group
         _, stderr = process.communicate(timeout=120)
     finally:
+        watchdog.cancel()
         if process.poll() is None:
             process.kill()
     assert process.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
