@@ -275,8 +275,11 @@ def test_ctrl_c_checkpoints_and_exits_cleanly(ws):
 def test_ctrl_c_in_the_pipeline_lets_the_stage_checkpoint(ws):
     command = [sys.executable, "-m", "icot", "pipeline", "--config", "recipe.yaml", "--run_dir=pipe-interrupt",
                "--only=teacher", "--train.max_steps=100000"]
+    # As in a terminal's foreground job: a shell that starts a job in the background (CI, nohup) hands it
+    # SIGINT ignored, and Python then keeps ignoring it, as it should.
     process = subprocess.Popen(command, cwd=ws, env=icot_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
+                               text=True, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     root = ws / "pipe-interrupt/teacher"
     watchdog = threading.Timer(600, process.kill)   # a hang fails the test instead of blocking
     watchdog.start()
