@@ -133,10 +133,11 @@ class Commands:
 
 
 def end_after_process_group() -> None:
-    """Exit now, without interpreter finalization, if this command ran a process group (train, eval,
+    """Exit now, without interpreter finalization, if this program ran a process group (train, eval,
     bench): as `Strategy.exit_process` does for several ranks, for one too, since a gloo worker thread
     still releasing the last collective during finalization aborts the process after a finished run
-    (exit -6, "terminate called without an active exception"). Everything is written and flushed."""
+    (exit -6, "terminate called without an active exception"). Everything is written and flushed.
+    Only for the program itself (`main()` reading sys.argv), never inside a caller's interpreter."""
     engine = sys.modules.get("icot.engine")   # imported by every command that starts a process group
     if engine is not None and engine.process_group_started:
         sys.stdout.flush()
@@ -145,11 +146,13 @@ def end_after_process_group() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    as_program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     # Commands return None (Fire would print anything else) and signal failure by raising.
     try:
         fire.Fire(Commands(argv), command=argv, name="icot")
-        end_after_process_group()
+        if as_program:
+            end_after_process_group()
     except UserError as err:
         print(f"icot: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -167,3 +167,14 @@ def test_nan_loss_stops_with_the_step(tmp_path):
     root = tmp_path / "run" / "teacher"
     assert not (root / "DONE").exists() and not (root / "export").exists()
     assert [step for step, _ in read_scalars(root / "tb")["train/loss"]] == [1]
+
+
+def test_main_called_in_process_returns_after_a_process_group(monkeypatch, capsys):
+    # The program exits without finalization after a process group (icot.cli.end_after_process_group);
+    # called from a caller's interpreter (a test, a notebook) it must return.
+    import icot.engine
+    from icot.cli import main
+
+    monkeypatch.setattr(icot.engine, "process_group_started", True)
+    main(["stages", "--all"])
+    assert "stepwise" in capsys.readouterr().out
