@@ -458,7 +458,8 @@ def check_output_file(path: Path, what: str) -> None:
             with open(path, "a"):   # writable, left as it is
                 pass
         else:
-            probe = path.with_name(f".{path.name}.icot-write-test")
+            # One probe per process: every rank of a multi-rank eval checks the same --out at once.
+            probe = path.with_name(f".{path.name}.icot-write-test.{os.getpid()}")
             probe.write_text("")
             probe.unlink()
     except OSError as err:
