@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -66,7 +67,7 @@ def answers_match(tokenizer, ids: list[int], reference: str) -> bool:
 # What is evaluated: a mode, its model and tokenizer.
 
 
-class ModeModel:
+class ModeModel(ABC):
     """A loaded model of one mode: what `icot eval` decodes and teacher-forces. Each mode's subclass
     (named in its registry declaration) says what its export holds and how it decodes."""
 
@@ -88,24 +89,24 @@ class ModeModel:
         return self.model
 
     @classmethod
+    @abstractmethod
     def holds(cls, folder: Path) -> bool:
         """Whether `folder` is an export this mode loads."""
-        raise NotImplementedError
 
     @classmethod
+    @abstractmethod
     def load(cls, folder: Path) -> tuple[torch.nn.Module, object]:
         """(the model, its tokenizer) from an export folder."""
-        raise NotImplementedError
 
     @classmethod
+    @abstractmethod
     def random_model(cls, random_decoder: Callable[[int], torch.nn.Module]) -> torch.nn.Module:
         """A model of this mode built from randomly initialised decoders (`random_decoder(seed)`), in
         inference form, for `icot bench`."""
-        raise NotImplementedError
 
+    @abstractmethod
     def generate(self, batch: dict[str, torch.Tensor], max_new_tokens: int, synced: bool = False) -> list[list[int]]:
         """Greedy continuations of a left-padded prompt batch (`collate_generate`)."""
-        raise NotImplementedError
 
     @torch.no_grad()
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -455,8 +456,7 @@ def check_output_file(path: Path, what: str) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
-            with open(path, "a"):   # writable, left as it is
-                pass
+            open(path, "a").close()   # writable, left as it is
         else:
             # One probe per process: every rank of a multi-rank eval checks the same --out at once.
             probe = path.with_name(f".{path.name}.icot-write-test.{os.getpid()}")

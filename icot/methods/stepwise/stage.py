@@ -159,12 +159,12 @@ class StepwiseStage(Stage):
 
     def generate(self, model, features, synced):
         batch, cap = self.generation_batch(features)
+        spans = [(int(f["prompt_len"]), second_separator(as_list(f["cot_ids"]), int(f["prompt_len"])))
+                 for f in features]
         # The cap covers what the model may still write of its CoT: the longest CoT left plus the answer.
-        longest_cot = max(second_separator(as_list(f["cot_ids"]), int(f["prompt_len"])) - int(f["prompt_len"])
-                          for f in features)
-        removed = torch.tensor([removal_count(int(f["prompt_len"]), second_separator(as_list(f["cot_ids"]),
-                                                                                    int(f["prompt_len"])),
-                                              self.to_remove(f)) for f in features])
+        longest_cot = max(second - prompt_len for prompt_len, second in spans)
+        removed = torch.tensor([removal_count(prompt_len, second, self.to_remove(f))
+                                for (prompt_len, second), f in zip(spans, features)])
         # The prompt is left-padded: its separator's position is the last column's.
         with self.kept_positions(model, batch["position_ids"][:, -1], removed):
             return generate_explicit(unwrap(model), batch, self.separator_id, cap + longest_cot, synced)
