@@ -56,6 +56,7 @@ GOALS = {
     "implicit_over_no_cot_batch1": (">=", 0.95),
     "implicit_over_no_cot_batched": (">=", 0.90),
     "implicit_over_explicit_batch1": {"4x4": (">=", 4.0), "5x5": (">=", 5.0)},
+    "coconut_batched_over_reference_batch1": (">=", 5.0),
     "train_step_ratio": ("<=", 1.10),
 }
 GPT2_VOCAB = 50257
@@ -110,8 +111,9 @@ def build_task(name: str, examples: int, seed: int = 0) -> Task:
     tokenizer = build_from_segments([s for e in parsed for s in (e.question, e.cot, e.answer)], kind="word")
     encoded = encode_batch(tokenizer, [e.question for e in parsed], [e.cot for e in parsed],
                            [e.answer for e in parsed])
-    features = [{"cot_ids": c, "nocot_ids": n, "prompt_len": p, "answer": e.answer, "line": None}
-                for c, n, p, e in zip(encoded["cot_ids"], encoded["nocot_ids"], encoded["prompt_len"], parsed)]
+    features = [{"cot_ids": c, "nocot_ids": n, "prompt_len": p, "step_starts": s, "answer": e.answer, "line": None}
+                for c, n, p, s, e in zip(encoded["cot_ids"], encoded["nocot_ids"], encoded["prompt_len"],
+                                         encoded["step_starts"], parsed)]
     task = Task(name, digits_a, digits_b, tokenizer, features, tokenizer.eos_token_id)
     lengths = {(len(f["cot_ids"]), len(f["nocot_ids"]), f["prompt_len"]) for f in features}
     if len(lengths) != 1:  # every line of one shape has one layout
@@ -119,7 +121,27 @@ def build_task(name: str, examples: int, seed: int = 0) -> Task:
     cot_len, _, prompt_len = lengths.pop()
     task.prompt_len, task.cot_view_length = prompt_len, cot_len
     task.new_tokens = {mode.name: len(view_ids(features[0], mode.view)) - prompt_len for mode in registry.modes()}
+    for mode in registry.mode_names():   # a mode's reference-code decoding, timed beside it
+        if hasattr(mode_class(mode), "generate_as_reference"):
+            task.new_tokens[reference_name(mode)] = task.new_tokens[mode]
     return task
+
+
+def reference_name(mode: str) -> str:
+    return f"{mode}_reference"
+
+
+class ReferenceScheme:
+    """A mode's model decoding as its reference code does (`generate_as_reference`: e.g. Coconut's batch-1
+    decoding without a KV cache after the thoughts), timed as a mode of its own."""
+
+    def __init__(self, mode_model: ModeModel):
+        self.inner = mode_model
+        self.mode = reference_name(mode_model.mode)
+        self.model, self.decoder = mode_model.model, mode_model.decoder
+
+    def generate(self, batch, max_new_tokens, synced=False):
+        return self.inner.generate_as_reference(batch, max_new_tokens)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -176,10 +198,14 @@ def build_mode_models(shape: Shape, task: Task, seed: int, device: torch.device 
     loads them); each generating decoder never emits the separator."""
     models = {}
     for mode in registry.mode_names():
+        mode_class(mode).prepare_tokenizer(task.tokenizer)
+    for mode in registry.mode_names():
         cls = mode_class(mode)
         model = cls.random_model(lambda offset: random_decoder(shape, task.tokenizer, seed + offset)).to(device).eval()
         models[mode] = cls(mode, model, task.tokenizer)
         forced_length(models[mode].decoder, task.separator_id)
+        if hasattr(models[mode], "generate_as_reference"):
+            models[reference_name(mode)] = ReferenceScheme(models[mode])
     return models
 
 
@@ -474,11 +500,14 @@ def inference_ratios(inference: dict, batched: int, key: str = "examples_per_s")
     references = reference_modes()
     ratios = {}
     for mode in eps:
-        if mode in references:
+        if mode in references or reference_name(mode) in references or mode.endswith("_reference"):
             continue
         for reference in references:
             for suffix, size in (("batch1", "1"), ("batched", str(batched))):
                 ratios[f"{mode}_over_{reference}_{suffix}"] = eps[mode][size] / eps[reference][size]
+        if reference_name(mode) in eps:   # batched decoding against the reference code's batch-1 scheme
+            ratios[f"{mode}_batched_over_reference_batch1"] = eps[mode][str(batched)] / eps[reference_name(mode)]["1"]
+            ratios[f"{mode}_batch1_over_reference_batch1"] = eps[mode]["1"] / eps[reference_name(mode)]["1"]
     return ratios
 
 
@@ -513,13 +542,13 @@ def format_table(report: dict) -> str:
         basis = report["timing_basis"]
         lines.append(f"examples/s from {basis} time (median of {report['settings']['repeats']}); "
                      f"wall-clock in brackets")
-        lines.append(f"{'task':6s} {'mode':9s} {'new tokens':>10s} {'batch 1':>18s} {'batch ' + str(batched):>18s}")
+        lines.append(f"{'task':6s} {'mode':17s} {'new tokens':>10s} {'batch 1':>18s} {'batch ' + str(batched):>18s}")
         for task in tasks:
             entry = report["tasks"][task]
             for mode in entry["inference"]["examples_per_s"]:
                 eps = entry["inference"]["examples_per_s"][mode]
                 wall = entry["inference"]["examples_per_s_wall"][mode]
-                lines.append(f"{task:6s} {mode:9s} {entry['new_tokens'][mode]:10d} "
+                lines.append(f"{task:6s} {mode:17s} {entry['new_tokens'][mode]:10d} "
                              f"{eps['1']:8.2f} ({wall['1']:7.2f}) {eps[str(batched)]:8.2f} ({wall[str(batched)]:7.2f})")
         lines.append("")
         lines.append(f"{'ratio':48s}" + "".join(f"{t:>9s}" for t in tasks) + "   goal")
@@ -558,7 +587,7 @@ def format_table(report: dict) -> str:
 
 
 def bench_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="icot bench", description="Throughput of the three modes and training-step overhead.")
+    p = _Parser(prog="icot bench", description="Throughput of every registered mode and the training-step overhead.")
     p.add_argument("--task", action="append", help="task shape(s), e.g. 4x4; repeat or comma-separate "
                                                    "(default 4x4,5x5)")
     p.add_argument("--family", default="gpt2", choices=("gpt2", "llama", "mistral", "qwen2"))

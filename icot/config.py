@@ -93,6 +93,10 @@ class DataConfig:
         "drop", help="an example longer than data.max_length or the model's positions: drop it (counted in a "
                      "warning) or stop with its file:line")
     num_proc: int = option(1, minimum=1, resumable=True, help="processes for tokenization")
+    steps: Literal["auto", "equations", "plus"] = option(
+        "auto", help="how a CoT splits into steps, for methods that replace whole steps (Coconut): equations "
+                     "(GSM8K-Aug: one <<...>> per step), plus (multiplication: one partial product with its "
+                     "running sum, through its +), auto (equations where the CoT holds <<, else plus)")
     skip_bad_lines: bool = option(False, help="skip malformed lines and lines with words the tokenizer does not "
                                               "know (counted in a warning) instead of stopping at the first with "
                                               "file:line")

@@ -99,6 +99,10 @@ class ModeModel(ABC):
         """(the model, its tokenizer) from an export folder."""
 
     @classmethod
+    def prepare_tokenizer(cls, tokenizer) -> None:
+        """Add what this mode's models need to a tokenizer built for `icot bench` (e.g. new tokens)."""
+
+    @classmethod
     @abstractmethod
     def random_model(cls, random_decoder: Callable[[int], torch.nn.Module]) -> torch.nn.Module:
         """A model of this mode built from randomly initialised decoders (`random_decoder(seed)`), in

@@ -24,7 +24,7 @@ from icot.config import Paths, StageConfig
 from icot.data.collate import IGNORE_INDEX, collate_generate, collate_train, to_device, view_ids
 from icot.errors import UserError
 from icot.exports import select_export
-from icot.models.decoder import decoder_config, load_decoder, set_gradient_checkpointing
+from icot.models.decoder import decoder_config, load_decoder, set_gradient_checkpointing, unwrap
 from icot.models.io import save_component
 
 DONE_MARKER = "DONE"
@@ -48,11 +48,6 @@ class StepUpdate:
 
     scalars: dict[str, float] = field(default_factory=dict)
     reset_optimizer: bool = False
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside a DeepSpeed engine (or the module itself)."""
-    return getattr(model, "module", model)
 
 
 def lm_metrics(output, labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -252,7 +247,8 @@ def load_split(config: StageConfig, tokenizer, split: str):
         examples = examples.select(range(limit))
     tokenized = tokenize_dataset(examples, tokenizer, num_proc=config.data.num_proc, max_length=config.data.max_length,
                                  cache_dir=config.data.cache_dir, on_overlength=config.data.overlength,
-                                 on_unknown="drop" if config.data.skip_bad_lines else "error", source=path)
+                                 on_unknown="drop" if config.data.skip_bad_lines else "error", source=path,
+                                 step_rule=config.data.steps)
     if len(tokenized) == 0:
         raise UserError(f"{path}: no example left after tokenization (data.max_length={config.data.max_length})")
     return tokenized

@@ -162,3 +162,17 @@ def test_stepwise_demo_evaluates_on_the_official_test_set_or_says_it_generated_o
     assert not official_pairs & train_pairs
     manifest = json.loads((tmp_path / "official/run/stepwise/manifest.json").read_text())
     assert manifest["data"]["test"] == str(test_file)
+
+
+def test_coconut_demo_recipe_runs_end_to_end(tmp_path):
+    tiny = [*TINY, "--eval_max_examples", "12", "--train", "256", "--valid", "16", "--test", "24"]
+    absent = tmp_path / "no_reference_data"
+    absent.mkdir()
+    demo = icot("demo", "--method", "coconut", "--out", "demo", "--reference_data", str(absent), *tiny, cwd=tmp_path)
+    assert "evaluating on a generated test split instead" in demo.stdout
+    results = json.loads((tmp_path / "demo/run/results.json").read_text())
+    assert set(results["modes"]) == {"no_cot", "explicit", "coconut"}
+    assert results["modes"]["coconut"]["examples"] == 12
+    assert "Coconut (continuous thoughts)" in (tmp_path / "demo/run/results.md").read_text()
+    manifest = json.loads((tmp_path / "demo/run/coconut/manifest.json").read_text())
+    assert manifest["input_exports"]["teacher"]["role"] == "start"

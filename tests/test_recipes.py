@@ -149,3 +149,38 @@ def test_stepwise_recipes_follow_the_reference_commands(name):
     if STEPWISE_RECIPES[name] == "mult":
         digits = name.rsplit("_", 1)[1].split("x")[0]
         assert config.data.test == f"data/{digits}_by_{digits}_mult/test_bigbench.txt"
+
+
+# The Coconut reference's GSM8K configs (facebookresearch/coconut args/gsm_cot.yaml, gsm_coconut.yaml):
+# batch 32 per GPU on 4 GPUs, weight decay 0.01; the Coconut run resumes at epoch 3 of 25.
+COCONUT_COT = {"lr": 1e-4, "batch": 128, "weight_decay": 0.01}
+COCONUT = {"c_thought": 2, "epochs_per_stage": 3, "max_latent_stage": 3, "pad_latent_to_max": True,
+           "uniform_prob": 0.0, "resume": 3, "num_epochs": 25, "lr": 1e-4, "reset_optimizer": True}
+COCONUT_RECIPES = {"coconut_gpt2_gsm8k": ("gpt2", "fp32", 1e-4), "coconut_llama3_1b_gsm8k": ("Llama-3.2-1B", "bf16", 1e-5)}
+
+
+@pytest.mark.parametrize("name", sorted(COCONUT_RECIPES))
+def test_coconut_recipes_follow_the_reference_configs(name):
+    model, precision, lr = COCONUT_RECIPES[name]
+    recipe = str(RECIPES / f"{name}.yaml")
+    assert load_methods(recipe) == ["coconut"]
+    teacher, config = load_stage_config("teacher", recipe), load_stage_config("coconut", recipe)
+    options = config.coconut
+    assert config.model.name_or_path == teacher.model.name_or_path == f"models/{model}"
+    assert (teacher.train.batch_size, teacher.train.weight_decay) == (COCONUT_COT["batch"], COCONUT_COT["weight_decay"])
+    assert teacher.train.epochs == 6 and teacher.train.export_each_epoch   # the paper's CoT checkpoint
+    assert options.start == "teacher" and config.inputs.start.export == ExportChoice("epoch", 6)
+    assert options.thoughts_per_step == COCONUT["c_thought"] and options.epochs_per_stage == COCONUT["epochs_per_stage"]
+    assert options.max_latent_stage == COCONUT["max_latent_stage"]
+    assert options.pad_latent_to_max is COCONUT["pad_latent_to_max"] and options.uniform_prob == COCONUT["uniform_prob"]
+    assert options.epoch_offset == COCONUT["resume"]
+    assert config.train.epochs == COCONUT["num_epochs"] - COCONUT["resume"] and config.train.max_steps is None
+    assert options.reset_optimizer == "epoch" and options.token_init == "copy" and options.init_token == "<<"
+    assert config.train.lr == teacher.train.lr == lr and config.train.batch_size == 128
+    assert config.train.weight_decay == 0.01 and config.train.precision == teacher.train.precision == precision
+    # run.py: no schedule, warmup or clipping; validation each epoch; one step per equation.
+    assert (config.train.schedule, config.train.warmup_steps, config.train.grad_clip) == ("constant", 0, 0.0)
+    assert config.train.eval_each_epoch and config.data.steps == "auto"
+    assert config.data.test == "data/gsm8k/test.txt"
+    if precision == "bf16":
+        assert config.train.zero_stage == 3 and config.model.gradient_checkpointing

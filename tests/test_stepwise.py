@@ -9,7 +9,7 @@
 - Removed-CoT batches equal hand-built sequences (ids, labels, separators), left and right.
 - A run stopped in the middle of the removal resumes bitwise, on one rank; two ranks remove what one
   removes, step by step.
-- `icot compare` on a tiny config lists the stepwise mode beside ICoT-KD's and the baselines.
+- `icot compare` on a tiny config lists the stepwise and Coconut modes beside ICoT-KD's and the baselines.
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ TAGS = ("train/loss", "train/grad_norm", "train/removed_tokens", "valid/loss", "
 def ws(tmp_path_factory) -> Path:
     folder = make_workspace(tmp_path_factory.mktemp("stepwise"), train=128, valid=8, test=9)
     # 128 examples in batches of 16: 8 steps an epoch, one more token every step.
-    write_recipe(folder, methods=["stepwise"], stepwise=SCHEDULE,
+    write_recipe(folder, methods=["stepwise"], stepwise=SCHEDULE, coconut={"init_token": "+", "epochs_per_stage": 1},
                  train={"max_steps": 24, "save_every": 4, "eval_each_epoch": True, "export_best": True})
     run_train(folder, "teacher", folder / "recipe.yaml")
     return folder
@@ -294,18 +294,22 @@ def test_a_llama_from_scratch_on_zero3_with_bf16_and_activation_checkpointing(ws
     assert config["architectures"] == ["LlamaForCausalLM"]
 
 
-def test_compare_lists_stepwise_beside_the_other_methods(ws):
+def test_compare_lists_stepwise_and_coconut_beside_the_other_methods(ws):
     result = subprocess.run([sys.executable, "-m", "icot", "compare", "--config", "recipe.yaml",
-                             "--methods", "icot_kd,stepwise", "--eval_batch_size", "4", "--run_dir=compared"],
+                             "--methods", "icot_kd,stepwise,coconut", "--eval_batch_size", "4", "--run_dir=compared"],
                             cwd=ws, env=icot_env(), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     comparison = json.loads((ws / "compared/compare.json").read_text())
     assert [(row["method"], row["mode"]) for row in comparison["rows"]] == [
-        ("shared", "no_cot"), ("shared", "explicit"), ("icot_kd", "implicit"), ("stepwise", "stepwise")]
-    stepwise = comparison["rows"][-1]
+        ("shared", "no_cot"), ("shared", "explicit"), ("icot_kd", "implicit"), ("stepwise", "stepwise"),
+        ("coconut", "coconut")]
+    stepwise, coconut = comparison["rows"][-2:]
+    assert coconut["stages"] == ["coconut"] and "teacher" in coconut["reads_seconds"]
     assert stepwise["stages"] == ["stepwise"] and "teacher" in stepwise["reads_seconds"]
     table = (ws / "compared/compare.md").read_text()
     assert "| stepwise | Stepwise internalization (ICoT-SI) |" in table and "| icot_kd | Implicit CoT" in table
+    assert "| coconut | Coconut (continuous thoughts) |" in table
+    print(table)
     assert (ws / "compared/compare.png").stat().st_size > 10_000
     evaluated = subprocess.run([sys.executable, "-m", "icot", "eval", "--mode", "stepwise", "--run_dir", "compared",
                                 "--data", "data/test.txt"], cwd=ws, env=icot_env(), capture_output=True, text=True)

@@ -125,7 +125,7 @@ def test_the_separator_can_be_overridden(tokenizers):
 def test_tokenize_dataset_matches_encode_example_and_keeps_the_answer_text(tokenizers, kind):
     tokenizer = tokenizers[kind]
     tokenized = tokenize_dataset(sample_dataset(), tokenizer)
-    assert sorted(tokenized.column_names) == ["answer", "cot_ids", "line", "nocot_ids", "prompt_len"]
+    assert sorted(tokenized.column_names) == ["answer", "cot_ids", "line", "nocot_ids", "prompt_len", "step_starts"]
     assert tokenized.features["answer"].dtype == "string"
     for row, line in zip(tokenized, SAMPLE_LINES):
         question, cot, answer = split_line(line)

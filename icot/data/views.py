@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from icot.data.reader import ANSWER_MARKER, DataFormatError
+from icot.data.steps import step_char_starts, token_starts
 from icot.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ COT_VIEW_SEPARATORS = 3
 NOCOT_VIEW_SEPARATORS = 2
 POLICIES = ("drop", "error")   # what becomes of an example too long, or with a word the tokenizer does not know
 # Bump when the sequence format or the checks change, so cached tokenizations are not reused.
-FORMAT_VERSION = "icot-views-2"
+FORMAT_VERSION = "icot-views-3"
 KEPT, TOO_LONG, UNKNOWN_WORD = 0, 1, 2   # the `status` of an encoded row
 
 
@@ -79,12 +80,16 @@ def encode_example(tokenizer, question: str, cot: str, answer: str, separator_id
 
 
 def encode_batch(tokenizer, questions: Sequence[str], cots: Sequence[str], answers: Sequence[str],
-                 separator_id: int | None = None) -> dict[str, list]:
-    """Column-wise `encode_example`: one tokenizer call per view for the whole batch."""
+                 separator_id: int | None = None, step_rule: str = "auto") -> dict[str, list]:
+    """Column-wise `encode_example`: one tokenizer call per view for the whole batch. `step_starts`: where
+    each CoT step begins, in tokens from the first CoT token (`icot.data.steps`, rule `step_rule`)."""
     separator_id, separator = resolve_separator(tokenizer, separator_id)
     cot_texts = [with_cot_text(q, c, a, separator) for q, c, a in zip(questions, cots, answers)]
     nocot_texts = [without_cot_text(q, a, separator) for q, a in zip(questions, answers)]
-    cot_ids = tokenizer(cot_texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    fast = getattr(tokenizer, "is_fast", False)
+    encoded = tokenizer(cot_texts, add_special_tokens=False, return_attention_mask=False,
+                        return_offsets_mapping=fast)
+    cot_ids = encoded["input_ids"]
     nocot_ids = tokenizer(nocot_texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     prompt_lens = []
     for question, with_cot, without_cot in zip(questions, cot_ids, nocot_ids):
@@ -93,7 +98,33 @@ def encode_batch(tokenizer, questions: Sequence[str], cots: Sequence[str], answe
             raise format_error(tokenizer, question, problem, separator_id)
         prompt_lens.append(without_cot.index(separator_id) + 1)
     check_answer_marker(tokenizer, questions, nocot_ids, prompt_lens, separator_id)
-    return {"cot_ids": cot_ids, "nocot_ids": nocot_ids, "prompt_len": prompt_lens}
+    step_starts = []
+    for index, (question, cot, ids, prompt_len) in enumerate(zip(questions, cots, cot_ids, prompt_lens)):
+        cot_start = len(f" {question} {separator} ")   # where the CoT begins in `with_cot_text`
+        chars = [cot_start + char for char in step_char_starts(cot, step_rule)]
+        cot_end = ids.index(separator_id, prompt_len)
+        if fast:
+            step_starts.append(token_starts(encoded["offset_mapping"][index], chars, prompt_len, cot_end,
+                                            cot_texts[index]))
+        else:
+            step_starts.append(prefix_token_starts(tokenizer, ids, cot_texts[index], chars, prompt_len, cot_end))
+    return {"cot_ids": cot_ids, "nocot_ids": nocot_ids, "prompt_len": prompt_lens, "step_starts": step_starts}
+
+
+def prefix_token_starts(tokenizer, ids: list[int], text: str, char_starts: list[int], first_token: int,
+                        end_token: int) -> list[int]:
+    """`token_starts` for a tokenizer without offset mapping (a slow one): each step starts after the
+    tokens that the text before it shares with the whole text's `ids` (a space before a step joins the
+    step's first token in some tokenizers and stands alone in others: the shared prefix is right for both)."""
+    result: list[int] = []
+    for char in char_starts:
+        before = tokenizer(text[:char], add_special_tokens=False)["input_ids"]
+        token = next((i for i, (a, b) in enumerate(zip(before, ids)) if a != b), min(len(before), len(ids)))
+        if token >= end_token:
+            break
+        if token >= first_token and (not result or token - first_token > result[-1]):
+            result.append(token - first_token)
+    return result
 
 
 def view_problem(cot_ids: list[int], nocot_ids: list[int], separator_id: int) -> str | None:
@@ -138,9 +169,10 @@ def shorten(text: str, limit: int = 80) -> str:
 
 def tokenize_dataset(dataset, tokenizer, num_proc: int = 1, max_length: int | None = None,
                      cache_dir: str | os.PathLike | None = None, separator_id: int | None = None,
-                     on_overlength: str = "drop", on_unknown: str = "error", source: str = "data"):
+                     on_overlength: str = "drop", on_unknown: str = "error", source: str = "data",
+                     step_rule: str = "auto"):
     """Encode a (question, cot, answer[, line]) `datasets.Dataset` into columns cot_ids, nocot_ids,
-    prompt_len, answer, line.
+    prompt_len, step_starts (`icot.data.steps`, rule `step_rule`), answer, line.
 
     Runs `Dataset.map` (batched, `num_proc` processes) under a fingerprint computed from the dataset,
     the tokenizer's full definition and these settings, so a second run loads the cached result: from
@@ -155,7 +187,7 @@ def tokenize_dataset(dataset, tokenizer, num_proc: int = 1, max_length: int | No
             raise UserError(f"{name} must be one of {POLICIES}, got {policy!r}")
     separator_id, _ = resolve_separator(tokenizer, separator_id)
     settings = {"separator_id": separator_id, "max_length": max_length, "on_overlength": on_overlength,
-                "on_unknown": on_unknown, "source": str(source)}
+                "on_unknown": on_unknown, "source": str(source), "step_rule": step_rule}
     fingerprint = tokenized_fingerprint(dataset, tokenizer, settings)
     tokenized = dataset.map(
         encode_rows,
@@ -182,9 +214,9 @@ def tokenize_dataset(dataset, tokenizer, num_proc: int = 1, max_length: int | No
 
 
 def encode_rows(batch: dict[str, list], tokenizer, separator_id: int, max_length: int | None, on_overlength: str,
-                on_unknown: str, source: str) -> dict[str, list]:
+                on_unknown: str, source: str, step_rule: str) -> dict[str, list]:
     """The `Dataset.map` function: encode a batch; each row's `status` says whether it is kept."""
-    encoded = encode_batch(tokenizer, batch["question"], batch["cot"], batch["answer"], separator_id)
+    encoded = encode_batch(tokenizer, batch["question"], batch["cot"], batch["answer"], separator_id, step_rule)
     encoded["answer"] = list(batch["answer"])
     encoded["line"] = list(batch["line"]) if "line" in batch else [None] * len(batch["answer"])
     unknown = unknown_token_id(tokenizer, separator_id)
@@ -251,7 +283,7 @@ def tokenized_features(with_status: bool = False):
     from datasets import Features, List, Value
 
     columns = {"cot_ids": List(Value("int32")), "nocot_ids": List(Value("int32")), "prompt_len": Value("int32"),
-               "answer": Value("string"), "line": Value("int32")}
+               "step_starts": List(Value("int32")), "answer": Value("string"), "line": Value("int32")}
     if with_status:
         columns["status"] = Value("int8")
     return Features(columns)

@@ -4,3 +4,4 @@ shared stages come first: the others read them."""
 from icot.methods import shared  # noqa: F401, I001  (registration on import, in this order)
 from icot.methods import icot_kd  # noqa: F401
 from icot.methods import stepwise  # noqa: F401
+from icot.methods import coconut  # noqa: F401

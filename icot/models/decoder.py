@@ -80,6 +80,11 @@ def edit_block_inputs(model: nn.Module, edit: BlockInputEdit, once: bool = False
             handle.remove()
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside a wrapper that keeps it as `.module` (a DeepSpeed engine), or the module itself."""
+    return getattr(model, "module", model)
+
+
 def position_limit(module: nn.Module) -> int | None:
     """The fewest positions any decoder inside `module` has (GPT-2's n_positions, the others'
     max_position_embeddings); None when none says."""

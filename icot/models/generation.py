@@ -1,5 +1,6 @@
-"""Greedy decoding, batched with left padding: the modes' loops through Hugging Face `generate`, and a
-lean loop that calls the model directly (`lean_greedy`).
+"""Greedy decoding, batched with left padding: the modes' loops through Hugging Face `generate`, a
+lean loop that calls the model directly (`lean_greedy`), and Coconut's decoding after continuous
+thoughts (`generate_with_thoughts`; `reference_thought_decode` is its reference code's scheme).
 
 - no-CoT: a plain decoder answers after the prompt and stops at the first EOS;
 - explicit CoT: the teacher writes the CoT, a separator and the answer: it stops after two EOS;
@@ -19,6 +20,7 @@ from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from icot.models.coupled import CoupledModel
+from icot.models.decoder import unwrap
 
 
 class IgnorePaddingWarning(logging.Filter):
@@ -120,3 +122,76 @@ def lean_greedy(decoder, batch: dict[str, torch.Tensor], new_tokens: int, separa
         positions = positions[:, -1:] + 1
         out = decoder(input_ids=token, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
     return torch.cat(tokens, dim=1)
+
+
+def all_finished(done: torch.Tensor, synced: bool) -> bool:
+    """Whether every row is done, on every rank when `synced` (each forward is then a collective, so no
+    rank may stop while another still decodes)."""
+    unfinished = torch.tensor(0.0 if bool(done.all()) else 1.0, device=done.device)
+    if synced:
+        import torch.distributed as dist
+
+        dist.all_reduce(unfinished)
+    return unfinished.item() == 0.0
+
+
+def suppressed_tokens(model) -> list[int]:
+    """The ids the decoder's generation config suppresses (`generate` honours them; so do the loops here)."""
+    config = getattr(unwrap(model), "generation_config", None)
+    return list(getattr(config, "suppress_tokens", None) or [])
+
+
+@torch.no_grad()
+def generate_with_thoughts(model, batch: dict[str, torch.Tensor], latent_id: int, separator_id: int, separators: int,
+                           max_new_tokens: int, synced: bool = False) -> list[list[int]]:
+    """Batched greedy decoding after continuous thoughts (Coconut), with one KV cache kept from the
+    thought passes through the answer. `batch`: left-padded inputs that end with the thoughts and the
+    end-of-thought token (`input_ids`, `attention_mask`, `position_ids`). A row stops after `separators`
+    separators; finished rows are fed the separator until all are done."""
+    from icot.models.thoughts import thought_forward
+
+    mask, positions = batch["attention_mask"], batch["position_ids"]
+    output = thought_forward(model, batch["input_ids"], mask, positions, latent_id, use_cache=True)
+    cache, logits = output.cache, output.logits[:, -1]
+    suppress = suppressed_tokens(model)
+    done = torch.zeros(mask.size(0), dtype=torch.bool, device=mask.device)
+    seen = torch.zeros_like(done, dtype=torch.long)
+    ones, tokens = mask.new_ones((mask.size(0), 1)), []
+    for step in range(max_new_tokens):
+        logits[:, suppress] = float("-inf")
+        token = logits.argmax(dim=-1).masked_fill(done, separator_id)
+        tokens.append(token)
+        seen += (token == separator_id) & ~done
+        done |= seen >= separators
+        if step == max_new_tokens - 1 or all_finished(done, synced):
+            break
+        mask = torch.cat((mask, ones), dim=1)
+        positions = positions[:, -1:] + 1
+        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, cache=cache,
+                       use_cache=True).logits[:, -1]
+    return truncate_after_separators(torch.stack(tokens, dim=1), separator_id, separators)
+
+
+@torch.no_grad()
+def reference_thought_decode(model, input_ids: list[int], latent_id: int, separator_id: int, separators: int,
+                             max_new_tokens: int) -> list[int]:
+    """The Coconut reference's decoding (coconut.py:201-247), for comparison: one example, the thought
+    passes, then every further token from a full forward over all the input embeddings, without a cache."""
+    from icot.models.thoughts import thought_forward
+
+    ids = torch.tensor([input_ids], device=next(unwrap(model).parameters()).device)
+    ones = torch.ones_like(ids)
+    output = thought_forward(model, ids, ones, torch.arange(ids.size(1), device=ids.device)[None], latent_id,
+                             use_cache=False)
+    embed = unwrap(model).get_input_embeddings()
+    embeds, logits, tokens = output.inputs_embeds, output.logits[0, -1], []
+    suppress = suppressed_tokens(model)
+    for step in range(max_new_tokens):
+        logits[suppress] = float("-inf")
+        token = int(logits.argmax())
+        tokens.append(token)
+        if tokens.count(separator_id) >= separators or step == max_new_tokens - 1:
+            break
+        embeds = torch.cat((embeds, embed(torch.tensor([[token]], device=ids.device))), dim=1)
+        logits = model(inputs_embeds=embeds).logits[0, -1]
+    return tokens

@@ -1,0 +1,63 @@
+"""Reasoning steps of a CoT: where each one starts, in characters and in tokens.
+
+Methods that drop or replace whole steps (Coconut replaces the first k with continuous thoughts) read
+them from the `step_starts` column that tokenization adds (`icot.data.views.tokenize_dataset`): the
+token offset, counted from the first CoT token, at which each step begins. Steps are split once, here.
+
+Rules (`data.steps`):
+- `equations`: GSM8K-Aug, one `<<...>>` equation per step: the CoT's whitespace-separated chunks, as the
+  Coconut reference splits it (`steps = cot.split(" ")`);
+- `plus`: multiplication, which no reference splits: a step is one partial product (with the running sum
+  in parentheses that follows it, from the second on) through the `+` that ends it; the last step runs to
+  the end of the CoT. `1 7 4 3 3 + 0 6 7 8 4 1 ( 1 3 2 2 8 1 ) + 0 0 ...` has the steps `1 7 4 3 3 +`,
+  `0 6 7 8 4 1 ( 1 3 2 2 8 1 ) +`, ...;
+- `auto`: `equations` for a CoT that holds `<<`, else `plus`.
+An empty CoT has no step.
+"""
+
+from __future__ import annotations
+
+import re
+
+STEP_RULES = ("auto", "equations", "plus")
+_CHUNK = re.compile(r"\S+")
+_PLUS_STEP = re.compile(r"[^+]*\+|[^+]+$")
+
+
+def step_char_starts(cot: str, rule: str = "auto") -> list[int]:
+    """Character offsets in `cot` where each step's first non-space character is."""
+    if rule not in STEP_RULES:
+        raise ValueError(f"unknown step rule {rule!r}: expected one of {', '.join(STEP_RULES)}")
+    if rule == "auto":
+        rule = "equations" if "<<" in cot else "plus"
+    if rule == "equations":
+        return [match.start() for match in _CHUNK.finditer(cot)]
+    starts = []
+    for match in _PLUS_STEP.finditer(cot):
+        text = match.group()
+        if text.strip():
+            starts.append(match.start() + len(text) - len(text.lstrip()))
+    return starts
+
+
+def token_starts(offsets: list[tuple[int, int]], char_starts: list[int], first_token: int, end_token: int,
+                 text: str) -> list[int]:
+    """For each step's first character, the token of `text` (from `first_token` to `end_token`: the CoT's
+    tokens) where the step starts, counted from `first_token`: the first token that ends after that
+    character, or the whitespace-only tokens just before it (a space joins the word after it, as in
+    byte-level BPE's " 0"). Comparing token ends with the step's first non-space character holds whether
+    a tokenizer's offsets include the space before a token or not. Steps that would start in one token
+    (a tokenizer that merged across a boundary) collapse into one."""
+    result: list[int] = []
+    token = first_token
+    for char in char_starts:
+        while token < end_token and offsets[token][1] <= char:
+            token += 1
+        if token >= end_token:
+            break
+        start = token
+        while start - 1 >= first_token and not text[offsets[start - 1][0]:offsets[start - 1][1]].strip():
+            start -= 1
+        if not result or start - first_token > result[-1]:
+            result.append(start - first_token)
+    return result

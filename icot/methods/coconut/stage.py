@@ -1,0 +1,129 @@
+"""Coconut: a decoder trained on the stage-k sequences (`sequences.py`), its thoughts fed back through the
+multi-pass forward (`icot.models.thoughts`), the curriculum in `schedule.py`.
+Trained: the decoder, dropout as model.dropout. Frozen: nothing. Loss: token-mean cross-entropy over
+what follows the end-of-thought token (coconut.py:185-191). Validation measures the loss at the
+current stage and decodes after min(stage, max_latent_stage) x c thoughts; `best` follows accuracy
+once every step is latent (stage > max_latent_stage).
+The three tokens join the tokenizer, which the exports carry; the token tables grow to fit them
+(never shrink: a padded vocabulary keeps its rows) and, with token_init copy, their rows copy
+coconut.init_token's."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from icot.data.collate import IGNORE_INDEX, to_device, view_ids
+from icot.errors import UserError
+from icot.methods.coconut.schedule import CoconutSchedule
+from icot.methods.coconut.sequences import (THOUGHT_TOKENS, add_thought_tokens, collate_prompts, collate_thoughts,
+                                            inference_thoughts, most_thoughts, stage_sequence, thought_prompt)
+from icot.models.decoder import load_decoder
+from icot.models.generation import generate_with_thoughts
+from icot.models.io import load_component
+from icot.models.thoughts import copy_token_rows, thought_forward, token_tables
+from icot.stage import Stage, fresh_decoder, prepare_decoder
+
+
+def grown(decoder: nn.Module, size: int) -> nn.Module:
+    """The decoder with at least `size` token rows (transformers' resize: the new rows are the mean of the
+    old plus noise with their covariance). Run inside the ZeRO-3 load scope, transformers resizes the
+    partitioned tables itself."""
+    if decoder.get_input_embeddings().weight.shape[0] < size:
+        decoder.resize_token_embeddings(size)
+    return decoder
+
+
+def thought_lm_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Token-mean cross-entropy of the shifted logits, and the counts behind token accuracy."""
+    shifted, targets = logits[:, :-1], labels[:, 1:]
+    loss = F.cross_entropy(shifted.reshape(-1, shifted.size(-1)).float(), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX)
+    labelled = targets != IGNORE_INDEX
+    return {"loss": loss, "correct_tokens": (shifted.argmax(dim=-1).eq(targets) & labelled).sum(),
+            "label_tokens": labelled.sum()}
+
+
+class CoconutStage(Stage):
+    generation_target = "cot"   # at early stages the model still writes the steps left
+
+    def __init__(self, config, strategy, tokenizer):
+        super().__init__(config, strategy, tokenizer)
+        self.options = config.coconut
+        self.base_vocabulary = len(tokenizer)
+        self.tokens = add_thought_tokens(tokenizer)
+        self.init_id = None
+        if self.options.token_init == "copy":
+            self.init_id = tokenizer.convert_tokens_to_ids(self.options.init_token)
+            if self.init_id is None or self.init_id == tokenizer.unk_token_id or self.init_id >= self.base_vocabulary:
+                raise UserError(f"coconut.init_token: {self.options.init_token!r} is not a token of the tokenizer; "
+                                f"name one that is (GPT-2: '<<'; a word-level multiplication tokenizer: '+') or "
+                                f"set coconut.token_init: resize")
+        self.schedule = CoconutSchedule(self.options, config.train.seed)
+
+    @classmethod
+    def roles_read(cls, config):
+        return ("start",) if config.coconut.start == "teacher" else ()
+
+    def build(self):
+        size, dropout = len(self.tokenizer), self.config.model.dropout
+        if self.options.start == "teacher":
+            decoder = self.strategy.load_pretrained(
+                lambda: grown(load_component(self.input_export("start"), expect="decoder"), size))
+            decoder = prepare_decoder(decoder, self.config, dropout)
+        elif self.config.model.name_or_path:
+            path = self.config.model.name_or_path
+            decoder = prepare_decoder(self.strategy.load_pretrained(lambda: grown(load_decoder(path), size)),
+                                      self.config, dropout)
+        else:
+            decoder = fresh_decoder(self.config, self.tokenizer, dropout=dropout, strategy=self.strategy)
+        if self.init_id is not None:
+            with self.strategy.gathered_params(nn.ModuleList(token_tables(decoder)), modify=True):
+                copy_token_rows(decoder, [self.tokens.start, self.tokens.end, self.tokens.latent], self.init_id)
+        return decoder
+
+    def export_extra(self) -> dict:
+        extra = super().export_extra()
+        extra["coconut"] = {"thoughts": inference_thoughts(self.schedule.stage, self.options),
+                            "stage": self.schedule.stage, "tokens": list(THOUGHT_TOKENS)}
+        return extra
+
+    # -- the curriculum ----------------------------------------------------------------------------
+    def on_step(self, context):
+        return self.schedule.advance(context)
+
+    def state_dict(self):
+        return self.schedule.state_dict()
+
+    def load_state_dict(self, state):
+        if state:
+            self.schedule.load_state_dict(state)
+
+    def collate(self, features):
+        sequences, label_starts = [], []
+        for feature in features:
+            stage = self.schedule.example_stage(feature)
+            ids, label_start = stage_sequence(feature, stage, self.options, self.tokens)
+            sequences.append(ids)
+            label_starts.append(label_start)
+        batch = collate_thoughts(sequences, label_starts, self.tokens.latent, self.separator_id)
+        return {"cot": to_device(batch, self.strategy.device)}
+
+    def loss(self, model, batch):
+        cot = batch["cot"]
+        output = thought_forward(model, cot["input_ids"], cot["attention_mask"], cot["position_ids"], self.tokens.latent,
+                                 passes=most_thoughts(self.schedule.stage, self.options))
+        return thought_lm_metrics(output.logits, cot["labels"])
+
+    # -- validation --------------------------------------------------------------------------------
+    def selection_score(self, validation):
+        """Accuracy, once every step is latent (earlier stages still write part of their CoT)."""
+        return validation.get("accuracy") if self.schedule.stage > self.options.max_latent_stage else None
+
+    def generate(self, model, features, synced):
+        thoughts = inference_thoughts(self.schedule.stage, self.options)
+        prompts = [thought_prompt(feature, thoughts, self.tokens) for feature in features]
+        batch = to_device(collate_prompts(prompts, self.separator_id), self.strategy.device)
+        cap = max(len(view_ids(f, "cot")) - int(f["prompt_len"]) for f in features) + 4
+        return generate_with_thoughts(model, batch, self.tokens.latent, self.separator_id, 2, cap, synced)
