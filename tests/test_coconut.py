@@ -35,8 +35,9 @@ from icot.data.steps import step_char_starts  # noqa: E402
 from icot.data.views import encode_batch, prefix_token_starts, with_cot_text  # noqa: E402
 from icot.methods.coconut import CoconutConfig  # noqa: E402
 from icot.methods.coconut.schedule import CoconutSchedule  # noqa: E402
-from icot.methods.coconut.sequences import (ThoughtTokens, add_thought_tokens, collate_prompts,  # noqa: E402
-                                            collate_thoughts, stage_sequence, thought_prompt)
+from icot.data.collate import collate_generate  # noqa: E402
+from icot.methods.coconut.sequences import (ThoughtTokens, add_thought_tokens, collate_thoughts,  # noqa: E402
+                                            stage_sequence, with_thoughts)
 from icot.models.generation import generate_with_thoughts, reference_thought_decode  # noqa: E402
 from icot.models.thoughts import thought_forward  # noqa: E402
 from icot.stage import StepContext  # noqa: E402
@@ -215,8 +216,9 @@ def test_batched_decoding_with_the_cache_equals_the_reference_batch1_decoding():
     features = [{"nocot_ids": prompt + [5, SEP], "prompt_len": len(prompt)} for prompt in prompts]
     for family in ("gpt2", "llama"):
         model = (tiny_gpt2 if family == "gpt2" else tiny_llama)(seed=4)
-        inputs = [thought_prompt(feature, 4, tokens) for feature in features]
-        batched = generate_with_thoughts(model, collate_prompts(inputs, SEP), LATENT, SEP, 2, 12)
+        batch = with_thoughts(collate_generate(features, SEP), 4, tokens)
+        batched = generate_with_thoughts(model, batch, LATENT, SEP, 2, 12)
+        inputs = [prompt + [tokens.start] + [LATENT] * 4 + [tokens.end] for prompt in prompts]
         alone = [reference_thought_decode(model, ids, LATENT, SEP, 2, 12) for ids in inputs]
         assert batched == alone
         assert any(len(row) > 1 for row in batched)

@@ -11,21 +11,10 @@ from icot.errors import UserError
 from icot.evaluate import DecoderModel
 from icot.methods.coconut import CoconutConfig
 from icot.methods.coconut.sequences import (ThoughtTokens, add_thought_tokens, collate_thoughts,
-                                            inference_thoughts)
+                                            inference_thoughts, with_thoughts)
 from icot.models.generation import generate_with_thoughts, reference_thought_decode
 from icot.models.io import read_description
 from icot.models.thoughts import thought_forward
-
-
-def with_thoughts(batch: dict[str, torch.Tensor], thoughts: int, tokens: ThoughtTokens) -> dict[str, torch.Tensor]:
-    """A left-padded prompt batch (`collate_generate`) with the start token, `thoughts` thoughts and the
-    end token appended to every row, positions continuing."""
-    rows = batch["input_ids"].size(0)
-    added = torch.tensor([tokens.start] + [tokens.latent] * thoughts + [tokens.end], device=batch["input_ids"].device)
-    steps = torch.arange(1, added.numel() + 1, device=added.device)
-    return {"input_ids": torch.cat((batch["input_ids"], added.expand(rows, -1)), dim=1),
-            "attention_mask": torch.cat((batch["attention_mask"], torch.ones_like(added).expand(rows, -1)), dim=1),
-            "position_ids": torch.cat((batch["position_ids"], batch["position_ids"][:, -1:] + steps), dim=1)}
 
 
 class CoconutModel(DecoderModel):

@@ -91,12 +91,6 @@ def stage_sequence(feature: dict, stage: int, options, tokens: ThoughtTokens) ->
     return head + rest, len(head)
 
 
-def thought_prompt(feature: dict, thoughts: int, tokens: ThoughtTokens) -> list[int]:
-    """The inference input of one example: its prompt, then the start token, `thoughts` thoughts and the end."""
-    prompt = as_list(feature["nocot_ids"])[:int(feature["prompt_len"])]
-    return prompt + [tokens.start] + [tokens.latent] * thoughts + [tokens.end]
-
-
 def collate_thoughts(sequences: Sequence[list[int]], label_starts: Sequence[int] | None, latent_id: int,
                      pad_id: int) -> dict[str, torch.Tensor]:
     """`input_ids`, `attention_mask`, `position_ids` (and `labels` from `label_starts`) with every row's
@@ -121,14 +115,12 @@ def collate_thoughts(sequences: Sequence[list[int]], label_starts: Sequence[int]
     return batch
 
 
-def collate_prompts(prompts: Sequence[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-padded inference inputs (each ends in the last column, where decoding continues); positions
-    count real tokens, as `icot.data.collate.collate_generate`."""
-    width = max(len(ids) for ids in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, ids in enumerate(prompts):
-        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, width - len(ids):] = 1
-    position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+def with_thoughts(batch: dict[str, torch.Tensor], thoughts: int, tokens: ThoughtTokens) -> dict[str, torch.Tensor]:
+    """A left-padded prompt batch (`icot.data.collate.collate_generate`) with the start token, `thoughts`
+    thoughts and the end token appended to every row, positions continuing: the inference input."""
+    rows = batch["input_ids"].size(0)
+    added = torch.tensor([tokens.start] + [tokens.latent] * thoughts + [tokens.end], device=batch["input_ids"].device)
+    steps = torch.arange(1, added.numel() + 1, device=added.device)
+    return {"input_ids": torch.cat((batch["input_ids"], added.expand(rows, -1)), dim=1),
+            "attention_mask": torch.cat((batch["attention_mask"], torch.ones_like(added).expand(rows, -1)), dim=1),
+            "position_ids": torch.cat((batch["position_ids"], batch["position_ids"][:, -1:] + steps), dim=1)}

@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from icot.data.collate import IGNORE_INDEX, to_device, view_ids
+from icot.data.collate import IGNORE_INDEX, collate_generate, to_device, view_ids
 from icot.errors import UserError
 from icot.methods.coconut.schedule import CoconutSchedule
-from icot.methods.coconut.sequences import (THOUGHT_TOKENS, add_thought_tokens, collate_prompts, collate_thoughts,
-                                            inference_thoughts, most_thoughts, stage_sequence, thought_prompt)
+from icot.methods.coconut.sequences import (THOUGHT_TOKENS, add_thought_tokens, collate_thoughts, inference_thoughts,
+                                            most_thoughts, stage_sequence, with_thoughts)
 from icot.models.decoder import load_decoder
 from icot.models.generation import generate_with_thoughts
 from icot.models.io import load_component
@@ -123,7 +123,7 @@ class CoconutStage(Stage):
 
     def generate(self, model, features, synced):
         thoughts = inference_thoughts(self.schedule.stage, self.options)
-        prompts = [thought_prompt(feature, thoughts, self.tokens) for feature in features]
-        batch = to_device(collate_prompts(prompts, self.separator_id), self.strategy.device)
+        prompts = to_device(collate_generate(features, self.separator_id), self.strategy.device)
+        batch = with_thoughts(prompts, thoughts, self.tokens)
         cap = max(len(view_ids(f, "cot")) - int(f["prompt_len"]) for f in features) + 4
         return generate_with_thoughts(model, batch, self.tokens.latent, self.separator_id, 2, cap, synced)
