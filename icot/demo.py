@@ -35,8 +35,9 @@ def demo_cli(overrides: list[str]) -> None:
     parser.add_argument("--out", help="folder for data, tokenizer and the run (default runs/demo, "
                                       "runs/demo_<method> for the others)")
     parser.add_argument("--config", help="the recipe (default: the method's built-in one)")
-    parser.add_argument("--reference_data", help=f"the folder of the official test files (default: "
-                                                 f"${REFERENCE_DATA_VARIABLE}, else {REFERENCE_DATA_BESIDE})")
+    parser.add_argument("--reference_data", help=f"the folder of the official test files, the only one looked in when "
+                                                 f"given (default: ${REFERENCE_DATA_VARIABLE}, else "
+                                                 f"{REFERENCE_DATA_BESIDE})")
     for f in dataclasses.fields(DemoConfig):
         parser.add_argument(f"--{f.name}", help=f"generated data: {f.metadata['help']} (default: the recipe's)")
     parser.add_argument("--eval_max_examples", type=int, default=None)
@@ -55,10 +56,12 @@ def demo_cli(overrides: list[str]) -> None:
 
 
 def official_test_file(data: DemoConfig, reference_data: str | None) -> Path | None:
-    """The official test file the recipe names, where a reference data folder holds it."""
+    """The official test file the recipe names, where a reference data folder holds it. A folder given
+    explicitly is the only one looked in: pointing it at an empty folder must mean "no official set"."""
     if data.official_test is None:
         return None
-    for folder in (reference_data, os.environ.get(REFERENCE_DATA_VARIABLE), REFERENCE_DATA_BESIDE):
+    folders = [reference_data] if reference_data else [os.environ.get(REFERENCE_DATA_VARIABLE), REFERENCE_DATA_BESIDE]
+    for folder in folders:
         if folder and (Path(folder) / data.official_test).is_file():
             return Path(folder) / data.official_test
     return None

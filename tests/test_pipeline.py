@@ -11,7 +11,8 @@ import pytest
 from icot import registry
 from icot.config import load_stage_config
 from icot.data.multiply import parse_operands, render_line
-from icot.demo import DEMO_RECIPE
+from icot.config import DemoConfig
+from icot.demo import DEMO_RECIPE, REFERENCE_DATA_VARIABLE, official_test_file
 from icot.pipeline import Progress, run_stages, view_tokens
 from icot.report import StageRun, format_seconds
 
@@ -162,6 +163,17 @@ def test_stepwise_demo_evaluates_on_the_official_test_set_or_says_it_generated_o
     assert not official_pairs & train_pairs
     manifest = json.loads((tmp_path / "official/run/stepwise/manifest.json").read_text())
     assert manifest["data"]["test"] == str(test_file)
+
+
+def test_an_explicit_reference_data_folder_is_the_only_one_looked_in(tmp_path, monkeypatch):
+    holding, empty = tmp_path / "holding", tmp_path / "empty"
+    (holding / "4_by_4_mult").mkdir(parents=True)
+    (holding / "4_by_4_mult/test_bigbench.txt").write_text("1 2 3 4 * 5 6 7 8||x #### 1\n")
+    empty.mkdir()
+    data = DemoConfig(official_test="4_by_4_mult/test_bigbench.txt")
+    monkeypatch.setenv(REFERENCE_DATA_VARIABLE, str(holding))
+    assert official_test_file(data, None) == holding / "4_by_4_mult/test_bigbench.txt"
+    assert official_test_file(data, str(empty)) is None   # not the environment's folder
 
 
 def test_coconut_demo_recipe_runs_end_to_end(tmp_path):
