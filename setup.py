@@ -14,6 +14,7 @@ setup(
         "torch>=2.1",
         "deepspeed>=0.14",
         "transformers>=4.45",
+        "peft>=0.15",   # CODI's LoRA adapters
         "datasets>=2.19",
         "tokenizers>=0.19",
         "sentencepiece>=0.2",

@@ -119,6 +119,9 @@ class TrainConfig:
     max_steps: Optional[int] = option(None, resumable=True, minimum=0, help="optimizer steps; null: train.epochs x steps per epoch")
     schedule: Literal["constant", "linear", "cosine"] = option("constant", resumable=True, help="learning-rate schedule after warmup")
     warmup_steps: int = option(0, resumable=True, minimum=0, help="linear warmup steps")
+    warmup_ratio: float = option(0.0, resumable=True, minimum=0.0, help="warmup as a fraction of the run's optimizer "
+                                                                       "steps (rounded up, as Hugging Face's Trainer), "
+                                                                       "where train.warmup_steps is 0")
     grad_clip: float = option(0.0, resumable=True, minimum=0.0, help="clip the global gradient norm to this; 0 = off (the "
                                                      "paper-era runs clipped nothing; the reference code now "
                                                      "clips at 1.0)")

@@ -174,6 +174,13 @@ def find_auto(node: Any, prefix: str = "") -> list[str]:
 # warmup to at least 2 steps and starts from warmup_min_lr, so "constant" would open with zero-LR steps.
 
 
+def warmup_steps(train: TrainConfig, total_steps: int | None) -> int:
+    """train.warmup_steps, else train.warmup_ratio of the run's steps (rounded up)."""
+    if train.warmup_steps or not train.warmup_ratio or not total_steps:
+        return train.warmup_steps
+    return math.ceil(train.warmup_ratio * total_steps)
+
+
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int | None) -> Callable[[int], float]:
     """LR multiplier for optimizer step `step` (0-based): linear warmup, then constant/linear/cosine to 0."""
     if schedule != "constant" and not total_steps:
@@ -405,7 +412,7 @@ class Strategy:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise UserError(f"{type(model).__name__} has no trainable parameters; use prepare_frozen")
-        factor = lr_lambda(self.train.schedule, self.train.warmup_steps, total_steps)
+        factor = lr_lambda(self.train.schedule, warmup_steps(self.train, total_steps), total_steps)
         engine, *_ = deepspeed.initialize(model=model, model_parameters=params,
                                           config=copy.deepcopy(self.ds_config),
                                           lr_scheduler=lambda optimizer: LambdaLR(optimizer, factor))

@@ -7,7 +7,10 @@ injected), and any plug-in's. Its `ModeModel` subclass loads the export and deco
 
 Measured on a data file (`INPUT||COT #### ANSWER` lines, through `load_examples` + `tokenize_dataset`):
 
-- accuracy: exact match of the answer after `####`, commas removed (`answers_match`);
+- accuracy: exact match of the answer after `####`, commas removed (`answers_match`); beside it
+  `accuracy_last_number`, the CODI reference's rule (codi:test.py:136-160): the last number in the
+  output equals the gold answer as a float (None where no gold answer is one number, e.g. the spaced
+  digits of multiplication);
 - token accuracy: teacher-forced greedy next-token accuracy on the labelled tokens (everything after the
   first separator) of the view the mode generates (the mode's declared view: with-CoT for explicit,
   without-CoT for the others), through the mode's own forward (`ModeModel.logits`);
@@ -34,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -61,6 +65,26 @@ def generated_answer(tokenizer, ids: list[int]) -> str | None:
 
 def answers_match(tokenizer, ids: list[int], reference: str) -> bool:
     return generated_answer(tokenizer, ids) == normalize_answer(reference)
+
+
+_NUMBER = re.compile(r"-?\d+\.?\d*")
+
+
+def as_number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def last_number_matches(tokenizer, ids: list[int], reference: str) -> bool | None:
+    """The CODI reference's rule: the last number in the decoded output equals the gold answer read as
+    a float; None where the gold answer is not one number."""
+    gold = as_number(normalize_answer(reference))
+    if gold is None:
+        return None
+    found = _NUMBER.findall(tokenizer.decode(ids, skip_special_tokens=True).replace(",", ""))
+    return bool(found) and as_number(found[-1]) == gold
 
 
 # --------------------------------------------------------------------------------------------------
@@ -345,6 +369,10 @@ def evaluate_loaded(mode_model: ModeModel, features: Sequence[dict],
                                              for ids in result.generated.values()))
         sums[f"seconds_{size}"] = result.seconds
         sums[f"cpu_seconds_{size}"] = result.cpu_seconds
+    last_number = [last_number_matches(mode_model.tokenizer, ids, features[i]["answer"])
+                   for i, ids in passes[batched].generated.items()]
+    sums["last_number_correct"] = float(sum(bool(match) for match in last_number))
+    sums["last_number_examples"] = float(sum(match is not None for match in last_number))
     sums["examples"] = float(len(passes[batched].generated))
     sums["correct_tokens"], sums["label_tokens"] = (float(c) for c in token_counts(
         mode_model, features, batched, ranks, device))
@@ -359,6 +387,8 @@ def evaluate_loaded(mode_model: ModeModel, features: Sequence[dict],
         "examples": examples,
         "accuracy": accuracy[batched],
         "token_accuracy": totals["correct_tokens"] / max(totals["label_tokens"], 1.0),
+        "accuracy_last_number": (totals["last_number_correct"] / totals["last_number_examples"]
+                                 if totals["last_number_examples"] else None),
         "examples_per_s_batch1": examples / seconds[1] if 1 in seconds else None,
         "examples_per_s_batched": examples / seconds[batched],
         "batch_size": batched,

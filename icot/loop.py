@@ -239,7 +239,8 @@ class Trainer:
             info = self.strategy.backward_step(self.engine, metrics["loss"])
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + float(value.detach())
-            tokens += sum(int(batch[view]["attention_mask"].sum()) for view in self.stage.views)
+            tokens += sum(int(part["attention_mask"].sum()) for part in batch.values()   # every row the batch holds
+                          if isinstance(part, dict) and "attention_mask" in part)
         record = self.strategy.all_reduce_mean({k: v / len(indices) for k, v in sums.items()})
         if "label_tokens" in record:
             record["token_accuracy"] = record.pop("correct_tokens") / max(record.pop("label_tokens"), 1e-9)

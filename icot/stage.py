@@ -17,6 +17,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from icot import registry
@@ -57,6 +58,16 @@ def lm_metrics(output, labels: torch.Tensor) -> dict[str, torch.Tensor]:
     labelled = targets != IGNORE_INDEX
     return {"loss": output.loss,
             "correct_tokens": (predicted.eq(targets) & labelled).sum(),
+            "label_tokens": labelled.sum()}
+
+
+def shifted_lm_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Token-mean cross-entropy of the shifted logits, and the counts behind token accuracy."""
+    shifted, targets = logits[:, :-1], labels[:, 1:]
+    loss = F.cross_entropy(shifted.reshape(-1, shifted.size(-1)).float(), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX)
+    labelled = targets != IGNORE_INDEX
+    return {"loss": loss, "correct_tokens": (shifted.argmax(dim=-1).eq(targets) & labelled).sum(),
             "label_tokens": labelled.sum()}
 
 
@@ -281,6 +292,24 @@ def fresh_decoder(config: StageConfig, tokenizer, dropout: float, strategy) -> n
             heads=model.heads, max_positions=model.max_positions, dropout=dropout, kv_heads=model.kv_heads,
             intermediate=model.intermediate, eos_token_id=tokenizer.eos_token_id))
     return prepare_decoder(decoder, config, dropout)
+
+
+def start_decoder(stage: Stage, from_export: bool, dropout: float) -> nn.Module:
+    """The decoder a method begins with, with at least a row per token of the stage's tokenizer (which
+    may have gained the method's own tokens): the `start` input's export (the shared teacher's), else
+    model.name_or_path, else one built from scratch."""
+    from icot.models.io import load_component
+    from icot.models.thoughts import grown
+
+    size, model = len(stage.tokenizer), stage.config.model
+    if from_export:
+        folder = stage.input_export("start")
+        decoder = stage.strategy.load_pretrained(lambda: grown(load_component(folder, expect="decoder"), size))
+    elif model.name_or_path:
+        decoder = stage.strategy.load_pretrained(lambda: grown(load_decoder(model.name_or_path), size))
+    else:
+        return fresh_decoder(stage.config, stage.tokenizer, dropout=dropout, strategy=stage.strategy)
+    return prepare_decoder(decoder, stage.config, dropout)
 
 
 def prepare_decoder(decoder: nn.Module, config: StageConfig, dropout: float) -> nn.Module:

@@ -17,10 +17,10 @@ def test_task_lengths_come_from_rendered_lines():
     task = build_task("4x4", examples=3, seed=0)
     # ` a a a a * b b b b <sep>`, then `#### 8 digits <sep>`; the CoT of 4x4 is 46 words.
     assert task.prompt_len == 10
-    # Every registered mode, by its view: stepwise internalization and Coconut write `<sep> #### 8 digits
-    # <sep>`; Coconut's reference-code decoding is timed on the same length.
+    # Every registered mode, by its view: stepwise internalization, Coconut and CODI write `<sep> #### 8
+    # digits <sep>`; Coconut's reference-code decoding is timed on the same length.
     assert task.new_tokens == {"no_cot": 10, "explicit": 57, "implicit": 10, "stepwise": 11, "coconut": 11,
-                               "coconut_reference": 11}
+                               "coconut_reference": 11, "codi": 11}
     assert len(task.features) == 3 and task.cot_view_length == 67
     with pytest.raises(UserError, match="expected shapes like 4x4"):
         parse_task("4by4")
@@ -42,12 +42,12 @@ def test_bench_writes_every_ratio(tmp_path):
     report = json.loads(out.read_text())
     for task in ("2x2", "4x4"):
         ratios = report["ratios"]["inference"][task]
-        assert set(ratios) == {f"{mode}_over_{reference}_{size}" for mode in ("implicit", "stepwise", "coconut")
+        assert set(ratios) == {f"{mode}_over_{reference}_{size}" for mode in ("implicit", "stepwise", "coconut", "codi")
                                for reference in ("no_cot", "explicit") for size in ("batch1", "batched")} | {
             "coconut_batched_over_reference_batch1", "coconut_batch1_over_reference_batch1"}
         assert all(value > 0 for value in ratios.values())
         eps = report["tasks"][task]["inference"]["examples_per_s"]
-        assert set(eps) == {"no_cot", "explicit", "implicit", "stepwise", "coconut", "coconut_reference"}
+        assert set(eps) == {"no_cot", "explicit", "implicit", "stepwise", "coconut", "coconut_reference", "codi"}
         assert all(set(v) == {"1", "2"} for v in eps.values())
         assert "ms_per_example" in report["tasks"][task]["profile"]["implicit"]["1"]
     assert set(report["ratios"]["train_step"]) == {"tiny", "2x32"}

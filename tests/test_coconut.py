@@ -36,7 +36,8 @@ from icot.data.views import encode_batch, prefix_token_starts, with_cot_text  # 
 from icot.methods.coconut import CoconutConfig  # noqa: E402
 from icot.methods.coconut.schedule import CoconutSchedule  # noqa: E402
 from icot.data.collate import collate_generate  # noqa: E402
-from icot.methods.coconut.sequences import (ThoughtTokens, add_thought_tokens, collate_thoughts,  # noqa: E402
+from icot.data.collate import collate_thoughts  # noqa: E402
+from icot.methods.coconut.sequences import (ThoughtTokens, add_thought_tokens,  # noqa: E402
                                             stage_sequence, with_thoughts)
 from icot.models.generation import generate_with_thoughts, reference_thought_decode  # noqa: E402
 from icot.models.thoughts import thought_forward  # noqa: E402
@@ -266,7 +267,7 @@ def test_uniform_stage_draws_are_the_same_for_an_example_wherever_it_is_drawn():
 
 
 def test_new_token_rows_copy_the_init_token_or_keep_the_resize():
-    from icot.methods.coconut.stage import grown
+    from icot.models.thoughts import grown
     from icot.models.thoughts import copy_token_rows
 
     for family in ("gpt2", "llama"):   # GPT-2 ties its head to the embedding, this Llama does not

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from icot.config import TrainConfig
 from icot.engine import (CPU_OFFLOAD, Strategy, StepInfo, batch_triple, build_ds_config, find_auto, load_template,
-                         lr_lambda)
+                         lr_lambda, warmup_steps)
 from icot.errors import UserError
 
 WORKER_PATH = Path(__file__).with_name("dist_engine_worker.py")
@@ -180,6 +180,13 @@ def test_lr_schedules():
                                                            (1 + math.cos(3 * math.pi / 4)) / 2, 0.0])
     with pytest.raises(UserError, match=r"train\.schedule=cosine needs the total number of optimizer steps"):
         lr_lambda("cosine", 0, None)
+
+
+def test_warmup_as_a_ratio_of_the_run_rounds_up_where_no_step_count_is_given():
+    assert warmup_steps(TrainConfig(warmup_ratio=0.03), 1000) == 30
+    assert warmup_steps(TrainConfig(warmup_ratio=0.03), 1001) == 31   # ceil, as Hugging Face's Trainer
+    assert warmup_steps(TrainConfig(warmup_ratio=0.03, warmup_steps=7), 1000) == 7
+    assert warmup_steps(TrainConfig(warmup_ratio=0.03), None) == 0
 
 
 # --------------------------------------------------------------------------------------------------

@@ -233,6 +233,20 @@ def test_answers_are_compared_after_the_marker_without_commas(tiny_run):
     assert generated_answer(tokenizer, tokenizer(" 1 2", add_special_tokens=False)["input_ids"]) is None
 
 
+def test_the_last_number_rule_reads_the_last_number_against_a_numeric_gold_answer():
+    from icot.evaluate import last_number_matches
+
+    class Text:   # a tokenizer whose ids are the text itself
+        def decode(self, ids, skip_special_tokens=True):
+            return ids
+
+    assert last_number_matches(Text(), "<<2*3=6>> so 1,050 #### 1050", "1050") is True
+    assert last_number_matches(Text(), "#### 1050 and 7", "1050") is False   # the last number counts
+    assert last_number_matches(Text(), "#### 12.0", "12") is True            # compared as floats
+    assert last_number_matches(Text(), "no number", "5") is False
+    assert last_number_matches(Text(), "#### 8 5 6", "8 5 6") is None        # gold is not one number
+
+
 @pytest.mark.parametrize("n,batch,world", [(9, 2, 2), (9, 4, 3), (1, 4, 2), (8, 1, 1), (5, 32, 4)])
 def test_shards_cover_every_example_once_with_the_same_number_of_batches(n, batch, world):
     shards = [rank_batches(n, batch, rank, world) for rank in range(world)]

@@ -176,6 +176,22 @@ def test_an_explicit_reference_data_folder_is_the_only_one_looked_in(tmp_path, m
     assert official_test_file(data, str(empty)) is None   # not the environment's folder
 
 
+def test_codi_demo_recipe_runs_end_to_end(tmp_path):
+    tiny = [*TINY, "--eval_max_examples", "12", "--train", "256", "--valid", "16", "--test", "24",
+            "--codi.lora_r=8", "--codi.projection_dim=32"]
+    absent = tmp_path / "no_reference_data"
+    absent.mkdir()
+    demo = icot("demo", "--method", "codi", "--out", "demo", "--reference_data", str(absent), *tiny, cwd=tmp_path)
+    assert "evaluating on a generated test split instead" in demo.stdout
+    results = json.loads((tmp_path / "demo/run/results.json").read_text())
+    assert set(results["modes"]) == {"no_cot", "explicit", "codi"}
+    assert results["modes"]["codi"]["examples"] == 12
+    assert "CODI (continuous thoughts)" in (tmp_path / "demo/run/results.md").read_text()
+    manifest = json.loads((tmp_path / "demo/run/codi/manifest.json").read_text())
+    assert manifest["input_exports"]["teacher"]["role"] == "start"
+    assert (tmp_path / "demo/run/codi/export/adapter/adapter_config.json").is_file()
+
+
 def test_coconut_demo_recipe_runs_end_to_end(tmp_path):
     tiny = [*TINY, "--eval_max_examples", "12", "--train", "256", "--valid", "16", "--test", "24"]
     absent = tmp_path / "no_reference_data"

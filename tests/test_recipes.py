@@ -184,3 +184,40 @@ def test_coconut_recipes_follow_the_reference_configs(name):
     assert config.data.test == "data/gsm8k/test.txt"
     if precision == "bf16":
         assert config.train.zero_stage == 3 and config.model.gradient_checkpointing
+
+
+# codi:scripts/train_gpt2_gsm8k-aug.sh:12-41 and train_llama1b_gsm8k-aug.sh:12-43 (METHODS.md 3.4).
+CODI_SCRIPTS = {
+    "codi_gpt2_gsm8k": {"model": "gpt2", "bs": 64, "ga": 2, "epochs": 40, "lr": 3e-3, "prj_dim": 768,
+                        "distill_loss_factor": 1.0, "max_token_num": 1000},
+    "codi_llama3_1b_gsm8k": {"model": "Llama-3.2-1B-Instruct", "bs": 32, "ga": 4, "epochs": 10, "lr": 8e-4,
+                             "prj_dim": 2048, "distill_loss_factor": 20.0, "max_token_num": 200},
+}
+
+
+@pytest.mark.parametrize("name", sorted(CODI_SCRIPTS))
+def test_codi_recipes_follow_the_reference_scripts(name):
+    script = CODI_SCRIPTS[name]
+    recipe = str(RECIPES / f"{name}.yaml")
+    assert load_methods(recipe) == ["codi"]
+    config = load_stage_config("codi", recipe)
+    options, train = config.codi, config.train
+    assert config.model.name_or_path == f"models/{script['model']}" and options.start == "base"
+    assert train.batch_size == script["bs"] * script["ga"] == 128 and train.micro_batch_size == script["bs"]
+    assert (train.epochs, train.lr, train.max_steps) == (script["epochs"], script["lr"], None)
+    assert (train.schedule, train.warmup_ratio, train.warmup_steps) == ("cosine", 0.03, 0)
+    assert (train.weight_decay, train.grad_clip, train.precision, train.seed) == (0.1, 2.0, "bf16", 11)
+    assert (options.latents, options.projection_dim, options.projection_dropout) == (6, script["prj_dim"], 0.0)
+    assert options.projection_norm and options.distill_div_std and options.distill_loss == "smooth_l1"
+    assert (options.distill_weight, options.teacher_weight) == (script["distill_loss_factor"], 1.0)
+    assert options.teacher_passes == 2 and not options.include_last_step and not options.reference_masking
+    assert options.lora and (options.lora_r, options.lora_alpha, options.lora_dropout) == (128, 32, 0.1)
+    assert options.lora_targets == []   # per family: GPT-2 c_attn, c_proj, c_fc; Llama q, k, v, o, up, down, gate
+    assert config.data.max_length == script["max_token_num"] and config.data.test == "data/gsm8k/test.txt"
+    if "llama" in name:
+        assert train.zero_stage == 3
+    else:
+        assert config.model.dropout == 0.1   # GPT-2's dropout as loaded by the reference
+    for shared in ("teacher", "no_cot"):   # a full fine-tune's settings, not the adapters'
+        stage = load_stage_config(shared, recipe)
+        assert stage.train.lr < 1e-3 and stage.train.schedule == "constant"

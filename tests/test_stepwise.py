@@ -209,6 +209,7 @@ def ws(tmp_path_factory) -> Path:
     folder = make_workspace(tmp_path_factory.mktemp("stepwise"), train=128, valid=8, test=9)
     # 128 examples in batches of 16: 8 steps an epoch, one more token every step.
     write_recipe(folder, methods=["stepwise"], stepwise=SCHEDULE, coconut={"init_token": "+", "epochs_per_stage": 1},
+                 codi={"start": "teacher", "latents": 3, "projection_dim": 32, "lora_r": 8},
                  train={"max_steps": 24, "save_every": 4, "eval_each_epoch": True, "export_best": True})
     run_train(folder, "teacher", folder / "recipe.yaml")
     return folder
@@ -294,21 +295,23 @@ def test_a_llama_from_scratch_on_zero3_with_bf16_and_activation_checkpointing(ws
     assert config["architectures"] == ["LlamaForCausalLM"]
 
 
-def test_compare_lists_stepwise_and_coconut_beside_the_other_methods(ws):
+def test_compare_lists_every_method_beside_the_baselines(ws):
     result = subprocess.run([sys.executable, "-m", "icot", "compare", "--config", "recipe.yaml",
-                             "--methods", "icot_kd,stepwise,coconut", "--eval_batch_size", "4", "--run_dir=compared"],
+                             "--methods", "icot_kd,stepwise,coconut,codi", "--eval_batch_size", "4", "--run_dir=compared"],
                             cwd=ws, env=icot_env(), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     comparison = json.loads((ws / "compared/compare.json").read_text())
     assert [(row["method"], row["mode"]) for row in comparison["rows"]] == [
         ("shared", "no_cot"), ("shared", "explicit"), ("icot_kd", "implicit"), ("stepwise", "stepwise"),
-        ("coconut", "coconut")]
-    stepwise, coconut = comparison["rows"][-2:]
+        ("coconut", "coconut"), ("codi", "codi")]
+    stepwise, coconut, codi = comparison["rows"][-3:]
+    assert codi["stages"] == ["codi"] and "teacher" in codi["reads_seconds"]
     assert coconut["stages"] == ["coconut"] and "teacher" in coconut["reads_seconds"]
     assert stepwise["stages"] == ["stepwise"] and "teacher" in stepwise["reads_seconds"]
     table = (ws / "compared/compare.md").read_text()
     assert "| stepwise | Stepwise internalization (ICoT-SI) |" in table and "| icot_kd | Implicit CoT" in table
     assert "| coconut | Coconut (continuous thoughts) |" in table
+    assert "| codi | CODI (continuous thoughts) |" in table
     print(table)
     assert (ws / "compared/compare.png").stat().st_size > 10_000
     evaluated = subprocess.run([sys.executable, "-m", "icot", "eval", "--mode", "stepwise", "--run_dir", "compared",

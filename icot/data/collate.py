@@ -122,3 +122,30 @@ def examples_at(dataset, indices: Sequence[int]) -> list[dict]:
 def to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
     """The batch's tensors on `device` (collation builds them on the CPU)."""
     return {key: value.to(device) for key, value in batch.items()}
+
+
+def collate_thoughts(sequences: Sequence[list[int]], label_starts: Sequence[int] | None, latent_id: int,
+                     pad_id: int) -> dict[str, torch.Tensor]:
+    """`input_ids`, `attention_mask`, `position_ids` (and `labels` from `label_starts`, `left_padding`)
+    of rows holding continuous-thought placeholders `latent_id`: each row is left-padded so that every
+    first thought sits in one column (the Coconut reference's collator, coco:dataset.py:102-183; CODI's
+    left-padded encoder), then right-padded; padding has mask 0 and position 0, positions count from 0 at
+    each row's first token. Rows without a thought are not left-padded."""
+    firsts = [ids.index(latent_id) if latent_id in ids else None for ids in sequences]
+    column = max((first for first in firsts if first is not None), default=0)
+    lefts = [0 if first is None else column - first for first in firsts]
+    width = max(left + len(ids) for left, ids in zip(lefts, sequences))
+    rows = {"input_ids": [], "attention_mask": [], "position_ids": [], "labels": []}
+    for index, (ids, left) in enumerate(zip(sequences, lefts)):
+        right = width - left - len(ids)
+        rows["input_ids"].append([pad_id] * left + ids + [pad_id] * right)
+        rows["attention_mask"].append([0] * left + [1] * len(ids) + [0] * right)
+        rows["position_ids"].append([0] * left + list(range(len(ids))) + [0] * right)
+        if label_starts is not None:
+            start = label_starts[index]
+            rows["labels"].append([IGNORE_INDEX] * (left + start) + ids[start:] + [IGNORE_INDEX] * right)
+    if label_starts is None:
+        del rows["labels"]
+    batch = {key: torch.tensor(value, dtype=torch.long) for key, value in rows.items()}
+    batch["left_padding"] = torch.tensor(lefts, dtype=torch.long)
+    return batch

@@ -62,6 +62,22 @@ def load_tokenizer(folder: str | os.PathLike, what: str):
     return tokenizer
 
 
+def special_token_ids(tokenizer, tokens: Sequence[str]) -> list[int]:
+    """The ids of `tokens`, which a method added (`add_special_tokens`); ValueError where one is missing."""
+    ids = tokenizer.convert_tokens_to_ids(list(tokens))
+    if any(i is None or i == tokenizer.unk_token_id for i in ids):
+        raise ValueError(f"the tokenizer lacks the tokens {tuple(tokens)}")
+    return ids
+
+
+def add_special_tokens(tokenizer, tokens: Sequence[str]) -> list[int]:
+    """Add `tokens` as special tokens (decoding skips them) where the tokenizer lacks them; their ids."""
+    missing = [token for token in tokens if token not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    return special_token_ids(tokenizer, tokens)
+
+
 def build_tokenizer(files: Sequence[str | os.PathLike], kind: str = "word", out: str | os.PathLike | None = None,
                     vocab_size: int = 8000, cover: Sequence[str | os.PathLike] = ()):
     """Build a tokenizer of `kind` from data files (`INPUT||COT #### ANSWER` lines).

@@ -5,3 +5,4 @@ from icot.methods import shared  # noqa: F401, I001  (registration on import, in
 from icot.methods import icot_kd  # noqa: F401
 from icot.methods import stepwise  # noqa: F401
 from icot.methods import coconut  # noqa: F401
+from icot.methods import codi  # noqa: F401

@@ -143,17 +143,23 @@ def suppressed_tokens(model) -> list[int]:
 
 @torch.no_grad()
 def generate_with_thoughts(model, batch: dict[str, torch.Tensor], latent_id: int, separator_id: int, separators: int,
-                           max_new_tokens: int, synced: bool = False) -> list[list[int]]:
-    """Batched greedy decoding after continuous thoughts (Coconut), with one KV cache kept from the
+                           max_new_tokens: int, synced: bool = False, feedback: nn.Module | None = None,
+                           suppress: list[int] = ()) -> list[list[int]]:
+    """Batched greedy decoding after continuous thoughts (Coconut, CODI), with one KV cache kept from the
     thought passes through the answer. `batch`: left-padded inputs that end with the thoughts and the
-    end-of-thought token (`input_ids`, `attention_mask`, `position_ids`). A row stops after `separators`
-    separators; finished rows are fed the separator until all are done."""
+    end-of-thought token (`input_ids`, `attention_mask`, `position_ids`, and `later_mask` where the
+    passes after the prompt's see another mask: see `thought_forward`, as `feedback`). A row stops after
+    `separators` separators; finished rows are fed the separator until all are done. `suppress`: ids
+    never generated, beside those of the decoder's generation config."""
     from icot.models.thoughts import thought_forward
 
-    mask, positions = batch["attention_mask"], batch["position_ids"]
-    output = thought_forward(model, batch["input_ids"], mask, positions, latent_id, use_cache=True)
+    positions = batch["position_ids"]
+    later = batch.get("later_mask")
+    output = thought_forward(model, batch["input_ids"], batch["attention_mask"], positions, latent_id,
+                             use_cache=True, feedback=feedback, later_mask=later)
+    mask = batch["attention_mask"] if later is None else later
     cache, logits = output.cache, output.logits[:, -1]
-    suppress = suppressed_tokens(model)
+    suppress = suppressed_tokens(model) + list(suppress)
     done = torch.zeros(mask.size(0), dtype=torch.bool, device=mask.device)
     seen = torch.zeros_like(done, dtype=torch.long)
     ones, tokens = mask.new_ones((mask.size(0), 1)), []

@@ -33,6 +33,8 @@ class ThoughtOutput:
     logits: torch.Tensor          # [B, T, V]: next-token logits at every column
     inputs_embeds: torch.Tensor   # [B, T, H]: the input embeddings with every thought filled in
     cache: object | None          # the KV cache through column T - 1 (None without one)
+    hidden_states: tuple | None = None   # with `hidden_states`: the last call's, per layer (embeddings first)
+    hidden_start: int = 0                # the column of the last call's first hidden state
 
 
 def checkpointing_in_training(decoder: nn.Module) -> bool:
@@ -44,19 +46,26 @@ def checkpointing_in_training(decoder: nn.Module) -> bool:
 
 def thought_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     position_ids: torch.Tensor, latent_id: int, passes: int | None = None,
-                    use_cache: bool | None = None) -> ThoughtOutput:
+                    use_cache: bool | None = None, feedback: nn.Module | None = None,
+                    later_mask: torch.Tensor | None = None, hidden_states: bool = False) -> ThoughtOutput:
     """Logits of a batch whose `<latent>` tokens are continuous thoughts (see the module docstring).
 
     The decoder runs over the columns before the first thought, then one column per call up to the last
     thought column, then the rest; after a call that ends just before a thought, that thought's embedding
     becomes the last hidden state of the call's last column. `passes` asks for at least that many
     one-column calls (ranks whose batches hold fewer thoughts still call the decoder as often as the
-    others); `use_cache=None`: a KV cache unless activation checkpointing is training the decoder."""
+    others); `use_cache=None`: a KV cache unless activation checkpointing is training the decoder.
+    `feedback` maps a fed-back state to the thought's embedding (CODI's projection; None: the state
+    itself, as Coconut). `later_mask` replaces `attention_mask` in every call after the first (CODI's
+    reference masking: the prefix pass masks its padding, later passes attend to it); it needs the
+    cache. `hidden_states`: also return the last call's hidden states of every layer."""
     from transformers import DynamicCache
 
     decoder = unwrap(model)
     if use_cache is None:
         use_cache = not checkpointing_in_training(decoder)
+    if later_mask is not None and not use_cache:
+        raise ValueError("later_mask needs the KV cache: without it every call recomputes the prefix")
     width = input_ids.size(1)
     latent = input_ids == latent_id
     columns = latent.nonzero()[:, 1]
@@ -74,22 +83,34 @@ def thought_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     for call in range(passes + 1):
         begin = start if use_cache else 0
         last_call = call == passes
-        output = model(inputs_embeds=inputs_embeds[:, begin:end], attention_mask=attention_mask[:, :end],
+        mask = attention_mask if call == 0 or later_mask is None else later_mask
+        output = model(inputs_embeds=inputs_embeds[:, begin:end], attention_mask=mask[:, :end],
                        position_ids=position_ids[:, begin:end], cache=cache, use_cache=use_cache,
-                       output_hidden_states=not last_call)
+                       output_hidden_states=hidden_states or not last_call)
         if use_cache or last_call:
             logits.append(output.logits)
         if last_call:
+            last = (output.hidden_states, begin) if hidden_states else (None, 0)
             break
         # Column `end`'s embedding: the last hidden state of column end - 1 (after the final norm) in the
         # rows with a thought there. Out of place (autograd holds the earlier embeddings), and through
         # `where` even where no row has one, so that every call is in the graph: under ZeRO-3 every
         # rank's backward then gathers the same parameters, whatever its batch holds.
-        state = output.hidden_states[-1][:, -1].to(inputs_embeds.dtype)
+        state = output.hidden_states[-1][:, -1]
+        state = (state if feedback is None else feedback(state)).to(inputs_embeds.dtype)
         column = torch.where(latent[:, end, None], state, inputs_embeds[:, end])
         inputs_embeds = torch.cat((inputs_embeds[:, :end], column[:, None], inputs_embeds[:, end + 1:]), dim=1)
         start, end = end, (end + 1 if call + 1 < passes else width)
-    return ThoughtOutput(torch.cat(logits, dim=1), inputs_embeds, cache)
+    return ThoughtOutput(torch.cat(logits, dim=1), inputs_embeds, cache, *last)
+
+
+def grown(decoder: nn.Module, size: int) -> nn.Module:
+    """The decoder with at least `size` token rows (transformers' resize: the new rows are the mean of the
+    old plus noise with their covariance). Run inside the ZeRO-3 load scope, transformers resizes the
+    partitioned tables itself."""
+    if decoder.get_input_embeddings().weight.shape[0] < size:
+        decoder.resize_token_embeddings(size)
+    return decoder
 
 
 def token_tables(decoder: nn.Module) -> list[nn.Module]:

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import torch
 
+from icot.data.collate import collate_thoughts
 from icot.errors import UserError
 from icot.evaluate import DecoderModel
 from icot.methods.coconut import CoconutConfig
-from icot.methods.coconut.sequences import (ThoughtTokens, add_thought_tokens, collate_thoughts,
+from icot.methods.coconut.sequences import (ThoughtTokens, add_thought_tokens,
                                             inference_thoughts, with_thoughts)
 from icot.models.generation import generate_with_thoughts, reference_thought_decode
 from icot.models.io import read_description

@@ -23,11 +23,11 @@ reads the gold CoT at test time; icot gives every example the same n.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
-from icot.data.collate import IGNORE_INDEX, as_list, second_separator
+from icot.data.collate import as_list, second_separator
+from icot.data.tokenizer_build import add_special_tokens, special_token_ids
 
 THOUGHT_TOKENS = ("<|start-latent|>", "<|end-latent|>", "<|latent|>")
 
@@ -41,18 +41,12 @@ class ThoughtTokens:
     @classmethod
     def of(cls, tokenizer) -> "ThoughtTokens":
         """The ids of the three tokens, which `add_thought_tokens` put in the tokenizer."""
-        ids = tokenizer.convert_tokens_to_ids(list(THOUGHT_TOKENS))
-        if any(i is None or i == tokenizer.unk_token_id for i in ids):
-            raise ValueError(f"the tokenizer lacks the Coconut tokens {THOUGHT_TOKENS}")
-        return cls(*ids)
+        return cls(*special_token_ids(tokenizer, THOUGHT_TOKENS))
 
 
 def add_thought_tokens(tokenizer) -> ThoughtTokens:
     """Add the three tokens (as special tokens: decoding skips them) where the tokenizer lacks them."""
-    missing = [token for token in THOUGHT_TOKENS if token not in tokenizer.get_vocab()]
-    if missing:
-        tokenizer.add_tokens(missing, special_tokens=True)
-    return ThoughtTokens.of(tokenizer)
+    return ThoughtTokens(*add_special_tokens(tokenizer, THOUGHT_TOKENS))
 
 
 def thought_count(stage: int, steps: int, options) -> tuple[int, int]:
@@ -89,30 +83,6 @@ def stage_sequence(feature: dict, stage: int, options, tokens: ThoughtTokens) ->
         rest = ids[second_separator(ids, prompt_len):]
     head = ids[:prompt_len] + [tokens.start] + [tokens.latent] * thoughts + [tokens.end]
     return head + rest, len(head)
-
-
-def collate_thoughts(sequences: Sequence[list[int]], label_starts: Sequence[int] | None, latent_id: int,
-                     pad_id: int) -> dict[str, torch.Tensor]:
-    """`input_ids`, `attention_mask`, `position_ids` (and `labels` from `label_starts`) with every row's
-    first thought in one column (dataset.py:102-183)."""
-    firsts = [ids.index(latent_id) if latent_id in ids else None for ids in sequences]
-    column = max((first for first in firsts if first is not None), default=0)
-    lefts = [0 if first is None else column - first for first in firsts]
-    width = max(left + len(ids) for left, ids in zip(lefts, sequences))
-    rows = {"input_ids": [], "attention_mask": [], "position_ids": [], "labels": []}
-    for index, (ids, left) in enumerate(zip(sequences, lefts)):
-        right = width - left - len(ids)
-        rows["input_ids"].append([pad_id] * left + ids + [pad_id] * right)
-        rows["attention_mask"].append([0] * left + [1] * len(ids) + [0] * right)
-        rows["position_ids"].append([0] * left + list(range(len(ids))) + [0] * right)
-        if label_starts is not None:
-            start = label_starts[index]
-            rows["labels"].append([IGNORE_INDEX] * (left + start) + ids[start:] + [IGNORE_INDEX] * right)
-    if label_starts is None:
-        del rows["labels"]
-    batch = {key: torch.tensor(value, dtype=torch.long) for key, value in rows.items()}
-    batch["left_padding"] = torch.tensor(lefts, dtype=torch.long)
-    return batch
 
 
 def with_thoughts(batch: dict[str, torch.Tensor], thoughts: int, tokens: ThoughtTokens) -> dict[str, torch.Tensor]:

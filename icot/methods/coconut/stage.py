@@ -10,39 +10,16 @@ coconut.init_token's."""
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
-from icot.data.collate import IGNORE_INDEX, collate_generate, to_device, view_ids
+from icot.data.collate import collate_generate, collate_thoughts, to_device, view_ids
 from icot.errors import UserError
 from icot.methods.coconut.schedule import CoconutSchedule
-from icot.methods.coconut.sequences import (THOUGHT_TOKENS, add_thought_tokens, collate_thoughts, inference_thoughts,
+from icot.methods.coconut.sequences import (THOUGHT_TOKENS, add_thought_tokens, inference_thoughts,
                                             most_thoughts, stage_sequence, with_thoughts)
-from icot.models.decoder import load_decoder
 from icot.models.generation import generate_with_thoughts
-from icot.models.io import load_component
 from icot.models.thoughts import copy_token_rows, thought_forward, token_tables
-from icot.stage import Stage, fresh_decoder, prepare_decoder
-
-
-def grown(decoder: nn.Module, size: int) -> nn.Module:
-    """The decoder with at least `size` token rows (transformers' resize: the new rows are the mean of the
-    old plus noise with their covariance). Run inside the ZeRO-3 load scope, transformers resizes the
-    partitioned tables itself."""
-    if decoder.get_input_embeddings().weight.shape[0] < size:
-        decoder.resize_token_embeddings(size)
-    return decoder
-
-
-def thought_lm_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Token-mean cross-entropy of the shifted logits, and the counts behind token accuracy."""
-    shifted, targets = logits[:, :-1], labels[:, 1:]
-    loss = F.cross_entropy(shifted.reshape(-1, shifted.size(-1)).float(), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX)
-    labelled = targets != IGNORE_INDEX
-    return {"loss": loss, "correct_tokens": (shifted.argmax(dim=-1).eq(targets) & labelled).sum(),
-            "label_tokens": labelled.sum()}
+from icot.stage import Stage, shifted_lm_metrics, start_decoder
 
 
 class CoconutStage(Stage):
@@ -67,17 +44,7 @@ class CoconutStage(Stage):
         return ("start",) if config.coconut.start == "teacher" else ()
 
     def build(self):
-        size, dropout = len(self.tokenizer), self.config.model.dropout
-        if self.options.start == "teacher":
-            decoder = self.strategy.load_pretrained(
-                lambda: grown(load_component(self.input_export("start"), expect="decoder"), size))
-            decoder = prepare_decoder(decoder, self.config, dropout)
-        elif self.config.model.name_or_path:
-            path = self.config.model.name_or_path
-            decoder = prepare_decoder(self.strategy.load_pretrained(lambda: grown(load_decoder(path), size)),
-                                      self.config, dropout)
-        else:
-            decoder = fresh_decoder(self.config, self.tokenizer, dropout=dropout, strategy=self.strategy)
+        decoder = start_decoder(self, self.options.start == "teacher", self.config.model.dropout)
         if self.init_id is not None:
             with self.strategy.gathered_params(nn.ModuleList(token_tables(decoder)), modify=True):
                 copy_token_rows(decoder, [self.tokens.start, self.tokens.end, self.tokens.latent], self.init_id)
@@ -114,7 +81,7 @@ class CoconutStage(Stage):
         cot = batch["cot"]
         output = thought_forward(model, cot["input_ids"], cot["attention_mask"], cot["position_ids"], self.tokens.latent,
                                  passes=most_thoughts(self.schedule.stage, self.options))
-        return thought_lm_metrics(output.logits, cot["labels"])
+        return shifted_lm_metrics(output.logits, cot["labels"])
 
     # -- validation --------------------------------------------------------------------------------
     def selection_score(self, validation):
