@@ -408,3 +408,12 @@ def test_a_llama_from_scratch_with_the_reference_masking(ws):
     model = AutoModelForCausalLM.from_pretrained(root / "export", local_files_only=True)
     assert type(model).__name__ == "LlamaForCausalLM"
     assert json.loads((root / "export/icot_component.json").read_text())["codi"]["reference_masking"] is True
+
+
+def test_the_reference_masking_under_activation_checkpointing_is_refused_before_training(ws):
+    refused = run_train(ws, "codi", ws / "recipe.yaml", "--run_dir=refused", f"--inputs.start.dir={ws / 'run/teacher'}",
+                        "--codi.reference_masking=true", "--model.gradient_checkpointing=true", check=False)
+    assert refused.returncode != 0
+    assert "codi.reference_masking needs the KV cache" in refused.stderr
+    assert not (ws / "refused/codi/ckpt").exists()
+

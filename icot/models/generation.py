@@ -1,6 +1,7 @@
 """Greedy decoding, batched with left padding: the modes' loops through Hugging Face `generate`, a
-lean loop that calls the model directly (`lean_greedy`), and Coconut's decoding after continuous
-thoughts (`generate_with_thoughts`; `reference_thought_decode` is its reference code's scheme).
+lean loop that calls the model directly (`lean_greedy`), and the decoding after continuous
+thoughts of Coconut and CODI (`generate_with_thoughts`; `reference_thought_decode` is the Coconut
+reference code's scheme).
 
 - no-CoT: a plain decoder answers after the prompt and stops at the first EOS;
 - explicit CoT: the teacher writes the CoT, a separator and the answer: it stops after two EOS;
