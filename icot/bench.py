@@ -621,7 +621,9 @@ def bench_parser() -> argparse.ArgumentParser:
 
 
 def machine_info() -> dict:
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+    from icot.report import cpu_model
+
+    info = {"platform": platform.platform(), "processor": cpu_model(),
             "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     if hasattr(os, "getloadavg"):

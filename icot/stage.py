@@ -290,7 +290,7 @@ def fresh_decoder(config: StageConfig, tokenizer, dropout: float, strategy) -> n
         decoder = build_decoder(decoder_config(
             model.family, vocab_size=len(tokenizer), layers=model.layers, hidden=model.hidden,
             heads=model.heads, max_positions=model.max_positions, dropout=dropout, kv_heads=model.kv_heads,
-            intermediate=model.intermediate, eos_token_id=tokenizer.eos_token_id))
+            intermediate=model.intermediate, eos_token_id=tokenizer.eos_token_id, activation=model.activation))
     return prepare_decoder(decoder, config, dropout)
 
 

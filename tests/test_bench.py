@@ -58,3 +58,16 @@ def test_bench_writes_every_ratio(tmp_path):
     assert "coconut_batched_over_reference_batch1 (4x4)" in names
     assert {"train_step_ratio (tiny)", "train_step_ratio (2x32)"} <= names
     assert "implicit / no_cot, batch 1" in proc.stdout and "icot/hand" in proc.stdout
+
+
+def test_machine_names_the_cpu_model_and_its_vector_unit():
+    """Same-commit timings and round-off differ between CPUs: results and bench JSON name both."""
+    import torch
+
+    from icot.bench import machine_info
+    from icot.report import machine_description
+
+    capability = f"({torch.backends.cpu.get_cpu_capability()})"
+    assert machine_info()["processor"].endswith(capability)
+    if not torch.cuda.is_available():
+        assert capability in machine_description()

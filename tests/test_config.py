@@ -336,3 +336,12 @@ def test_config_command_prints_every_stage_as_it_will_be_recorded(recipe, capsys
     assert capsys.readouterr().out.count("# ---- ") == 1
     stages_cli(["--config", path, "--format", "tsv"])
     assert capsys.readouterr().out.splitlines()[-1] == "coupling\ticot_kd\tmind_reading emulation\timplicit"
+
+
+def test_activation_is_checked_against_transformers_names():
+    assert load_stage_config("teacher", None, ["--model.activation=gelu_pytorch_tanh"]).model.activation == \
+        "gelu_pytorch_tanh"
+    assert load_stage_config("teacher", None, []).model.activation is None
+    with pytest.raises(UserError, match=r"--model\.activation: expected a transformers activation name "
+                                        r"\(ACT2FN\) such as gelu.*got 'gelux'"):
+        load_stage_config("teacher", None, ["--model.activation=gelux"])

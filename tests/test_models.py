@@ -371,3 +371,29 @@ def test_shape_mismatch_is_a_clear_error():
         CoupledModel(Emulator(tiny_gpt2(layers=3)), Student(tiny_gpt2(layers=2)))
     with pytest.raises(UserError, match="teacher has 4 layers x 16 hidden"):
         check_compatible(teacher=tiny_gpt2(layers=4), student=Student(tiny_gpt2(layers=3)))
+
+
+def test_activation_and_mlp_width_reach_the_built_decoder():
+    """model.activation and model.intermediate set the MLP of a decoder built from scratch; the fused
+    gelu_pytorch_tanh computes GPT-2's gelu_new (the same tanh formula) to float32 round-off."""
+    from icot.models.decoder import build_decoder, decoder_config
+
+    shape = dict(vocab_size=VOCAB, layers=2, hidden=32, heads=2, max_positions=32)
+    default = decoder_config("gpt2", **shape)
+    fused = decoder_config("gpt2", **shape, activation="gelu_pytorch_tanh", intermediate=48)
+    assert default.activation_function == "gelu_new" and default.n_inner is None
+    assert fused.activation_function == "gelu_pytorch_tanh"
+    model = build_decoder(fused)
+    assert model.transformer.h[0].mlp.c_fc.weight.shape == (32, 48)
+    llama = decoder_config("llama", **shape, activation="gelu_pytorch_tanh", intermediate=48)
+    assert llama.hidden_act == "gelu_pytorch_tanh" and llama.intermediate_size == 48
+    assert decoder_config("llama", **shape).hidden_act == "silu"
+
+    torch.manual_seed(0)
+    reference = build_decoder(decoder_config("gpt2", **shape))
+    same = build_decoder(decoder_config("gpt2", **shape, activation="gelu_pytorch_tanh"))
+    same.load_state_dict(reference.state_dict())
+    ids = torch.randint(0, VOCAB, (3, 9))
+    with torch.no_grad():
+        expected, got = reference(input_ids=ids).logits, same(input_ids=ids).logits
+    assert (expected - got).abs().max().item() < 1e-5

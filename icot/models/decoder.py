@@ -115,15 +115,18 @@ FAMILIES = ("gpt2", "llama", "mistral", "qwen2")
 
 def decoder_config(family: str, *, vocab_size: int, layers: int, hidden: int, heads: int,
                    max_positions: int, dropout: float = 0.0, kv_heads: int | None = None,
-                   intermediate: int | None = None, eos_token_id: int | None = None):
-    """A Hugging Face config for a decoder trained from scratch."""
+                   intermediate: int | None = None, eos_token_id: int | None = None,
+                   activation: str | None = None):
+    """A Hugging Face config for a decoder trained from scratch; `activation` (an ACT2FN name) replaces
+    the family's own MLP activation."""
     import transformers
 
     if family == "gpt2":
         return transformers.GPT2Config(
             vocab_size=vocab_size, n_layer=layers, n_embd=hidden, n_head=heads, n_positions=max_positions,
             resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
-            bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=eos_token_id)
+            n_inner=intermediate, bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=eos_token_id,
+            **({"activation_function": activation} if activation else {}))
     classes = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
                "qwen2": transformers.Qwen2Config}
     if family not in classes:
@@ -133,7 +136,7 @@ def decoder_config(family: str, *, vocab_size: int, layers: int, hidden: int, he
         num_key_value_heads=kv_heads or heads, intermediate_size=intermediate or 4 * hidden,
         max_position_embeddings=max_positions, attention_dropout=dropout,
         bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=eos_token_id,
-        tie_word_embeddings=False)
+        tie_word_embeddings=False, **({"hidden_act": activation} if activation else {}))
 
 
 def build_decoder(config) -> nn.Module:
