@@ -54,13 +54,16 @@ def cpu_model() -> str:
     unit torch's CPU kernels use here (AVX2, AVX512, ...): same-commit timings and round-off differ with both."""
     import torch
 
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            name = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), name)
-    except OSError:
-        pass
+    name = cpuinfo_model_name() or platform.processor() or platform.machine()
     return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
+
+
+def cpuinfo_model_name(path: str = "/proc/cpuinfo") -> str | None:
+    """The first `model name` line of /proc/cpuinfo; None where the file is absent (not Linux) or names none."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as cpuinfo:
+        return next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), None)
 
 
 def machine_description() -> str:

@@ -71,3 +71,14 @@ def test_machine_names_the_cpu_model_and_its_vector_unit():
     assert machine_info()["processor"].endswith(capability)
     if not torch.cuda.is_available():
         assert capability in machine_description()
+
+
+def test_cpu_model_name_comes_from_cpuinfo_and_is_none_without_it(tmp_path):
+    from icot.report import cpuinfo_model_name
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\nflags\t: avx2\n")
+    assert cpuinfo_model_name(str(cpuinfo)) == "AMD EPYC 7B13"
+    cpuinfo.write_text("processor\t: 0\nflags\t: neon\n")
+    assert cpuinfo_model_name(str(cpuinfo)) is None
+    assert cpuinfo_model_name(str(tmp_path / "absent")) is None
