@@ -82,3 +82,38 @@ def test_cpu_model_name_comes_from_cpuinfo_and_is_none_without_it(tmp_path):
     cpuinfo.write_text("processor\t: 0\nflags\t: neon\n")
     assert cpuinfo_model_name(str(cpuinfo)) is None
     assert cpuinfo_model_name(str(tmp_path / "absent")) is None
+
+
+def test_divergence_gap_finds_where_two_decodings_part_and_their_logit_gap():
+    import contextlib
+
+    import torch
+
+    from icot.bench import NEAR_TIE, Shape, _batches, divergence_gap, random_decoder
+    from icot.models.generation import lean_greedy
+
+    task = build_task("2x2", examples=2, seed=0)
+    decoder = random_decoder(Shape("t", "gpt2", layers=2, hidden=32, heads=2, vocab=0), task.tokenizer, seed=0)
+    decoder.eval()
+    batch = _batches(task, 2, "cpu")[0]
+    reference = lean_greedy(decoder, batch, 4, task.separator_id)
+    prompt = set(batch["input_ids"].flatten().tolist()) | set(reference.flatten().tolist())
+    twin = next(t for t in range(len(task.tokenizer)) if t not in prompt and t != task.separator_id)
+    with torch.no_grad():   # another token whose logits equal the chosen one's: an exact tie
+        decoder.get_output_embeddings().weight[twin] = decoder.get_output_embeddings().weight[reference[1, 2]]
+
+    other = reference.clone()
+    other[0, 3], other[1, 2] = twin, twin   # row 1 parts first, at token 2
+    row, step, gap, scale = divergence_gap(decoder, batch, reference, other, contextlib.nullcontext)
+    assert (row, step) == (1, 2) and gap <= NEAR_TIE * scale
+
+    # A different token: the gap is the two logits' difference after the shared prefix, computed by hand.
+    other[1, 2] = (int(reference[1, 2]) + 1) % twin
+    row, step, gap, scale = divergence_gap(decoder, batch, reference, other, contextlib.nullcontext)
+    ids = torch.cat((batch["input_ids"][1:], reference[1:, :2]), dim=1)
+    mask = torch.cat((batch["attention_mask"][1:], torch.ones(1, 2, dtype=torch.long)), dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = decoder(input_ids=ids, attention_mask=mask, position_ids=positions).logits[0, -1]
+    expected = (logits[reference[1, 2]] - logits[other[1, 2]]).abs().item()
+    assert (row, step) == (1, 2) and abs(gap - expected) < 1e-5 and gap > NEAR_TIE * scale

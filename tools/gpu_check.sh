@@ -35,6 +35,13 @@ if [[ -d .whl ]] && compgen -G ".whl/*.whl" >/dev/null; then
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# DeepSpeed's JIT build of FusedAdam (the GPU optimizer) reads TORCH_CUDA_ARCH_LIST and cannot parse an
+# architecture suffix ("9.0a" fails with "invalid literal for int()"); the plain capability builds the same op.
+if [[ ${TORCH_CUDA_ARCH_LIST:-} =~ [0-9][a-z] ]]; then
+    echo "[gpu_check] TORCH_CUDA_ARCH_LIST '$TORCH_CUDA_ARCH_LIST' without its suffixes, for DeepSpeed"
+    TORCH_CUDA_ARCH_LIST=$(sed -E 's/([0-9])[a-z]+/\1/g' <<<"$TORCH_CUDA_ARCH_LIST")
+    export TORCH_CUDA_ARCH_LIST
+fi
 
 if [[ $SHORT == 1 ]]; then
     BENCH=(--layers 2 --hidden 32 --heads 2 --vocab 0 --examples 4 --batch_size 2 --repeats 1 --train_batch 4
@@ -62,6 +69,7 @@ step() {   # step NAME LIMIT COMMAND...: run with a time limit, log to OUT/NAME.
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
     "$PYTHON" -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
           torch.cuda.get_device_name(0) if torch.cuda.is_available() else "(CPU)")'
+    echo "TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-(unset)}"
 } >"$OUT/device.txt" 2>&1
 cat "$OUT/device.txt"
 
