@@ -3,7 +3,8 @@
 Runs `icot pipeline` with the union of the methods' stages (the shared teacher and no-CoT baseline once;
 completed stages are skipped), then writes `<run_dir>/compare.md`, `compare.json` and `compare.png`: for
 every method, the accuracy of each of its modes, examples/s at batch 1 and batched, and the training
-wall time of its own stages (and of the shared stages it reads, beside it).
+wall time of its own stages (and of the shared stages it reads, beside it); the plot adds every
+stage's validation accuracy against its steps, curriculum changes marked.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from icot import registry
 from icot.config import load_methods, load_stage_config
 from icot.errors import UserError
 from icot.pipeline import run_pipeline
-from icot.report import format_seconds, mode_title
+from icot.report import format_seconds, mode_title, plot_validation_curves
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,6 +53,11 @@ def run_compare(recipe: str | None, overrides: list[str], eval_batch_size: int =
     run_pipeline(recipe, overrides, eval_batch_size=eval_batch_size, eval_max_examples=eval_max_examples,
                  parallel_baseline=parallel_baseline)
     run_dir = Path(load_stage_config(registry.plan(methods)[0].name, recipe, overrides).run_dir)
+    return compare_run(run_dir, methods)
+
+
+def compare_run(run_dir: Path, methods: list[str]) -> dict:
+    """The table and plot of a run the pipeline has evaluated (its results.json)."""
     comparison = summarize(json.loads((run_dir / "results.json").read_text()), methods)
     write_comparison(run_dir, comparison)
     print((run_dir / "compare.md").read_text(), flush=True)
@@ -106,7 +112,7 @@ def plot_comparison(run_dir: Path, comparison: dict) -> None:
     import matplotlib.pyplot as plt
 
     rows = comparison["rows"]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    figure, (left, right, curves) = plt.subplots(1, 3, figsize=(16, 4.2))
     labels = [row["title"] for row in rows]
     left.barh(labels, [100 * row["accuracy"] for row in rows])
     left.set_xlabel("test accuracy (%)")
@@ -118,6 +124,8 @@ def plot_comparison(run_dir: Path, comparison: dict) -> None:
     right.set_ylabel("examples/s (batch 1)")
     right.set_title("cost")
     right.legend(fontsize=8)
+    stages = list(dict.fromkeys(stage for row in rows for stage in [*row["reads_seconds"], *row["stages"]]))
+    plot_validation_curves(curves, run_dir, stages)
     figure.tight_layout()
     figure.savefig(run_dir / "compare.png", dpi=110)
     plt.close(figure)

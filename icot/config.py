@@ -109,10 +109,12 @@ class DataConfig:
         "drop", help="an example longer than data.max_length or the model's positions: drop it (counted in a "
                      "warning) or stop with its file:line")
     num_proc: int = option(1, minimum=1, resumable=True, help="processes for tokenization")
-    steps: Literal["auto", "equations", "plus"] = option(
-        "auto", help="how a CoT splits into steps, for methods that replace whole steps (Coconut): equations "
-                     "(GSM8K-Aug: one <<...>> per step), plus (multiplication: one partial product with its "
-                     "running sum, through its +), auto (equations where the CoT holds <<, else plus)")
+    steps: Literal["auto", "equations", "plus", "words"] = option(
+        "auto", help="how a CoT splits into steps, for methods that replace or drop whole steps (Coconut, "
+                     "CODI): equations (GSM8K-Aug: one <<...>> per step), plus (multiplication in the papers' "
+                     "layout: one partial product with its running sum, through its +), words (one step a "
+                     "word: the columns layout's column sums), auto (equations where the CoT holds <<, plus "
+                     "where it holds +, else words)")
     skip_bad_lines: bool = option(False, help="skip malformed lines and lines with words the tokenizer does not "
                                               "know (counted in a warning) instead of stopping at the first with "
                                               "file:line")
@@ -145,6 +147,12 @@ class TrainConfig:
     zero_stage: Literal[0, 1, 2, 3] = option(0, help="DeepSpeed ZeRO stage")
     offload: bool = option(False, help="offload optimizer state (ZeRO 2-3) and parameters (ZeRO 3) to the CPU")
     seed: int = option(42, help="seed of the initial weights, the data order and dropout")
+    threads: Optional[int] = option(None, resumable=True, minimum=1,
+                                    help="torch threads of the stage process (intra-op); null: torch's default "
+                                         "(OMP_NUM_THREADS where set), or half the CPU cores each while icot "
+                                         "pipeline trains the no-CoT baseline beside the other stages. Two "
+                                         "trainings on a small CPU: one thread each, or a step runs many times "
+                                         "slower")
     log_every: int = option(10, resumable=True, minimum=1, help="optimizer steps between log lines and TensorBoard points")
     eval_every: int = option(0, resumable=True, minimum=0, help="optimizer steps between validations; 0: at the end only")
     eval_each_epoch: bool = option(False, resumable=True, help="also validate at the end of every epoch")

@@ -1,6 +1,7 @@
 """`icot demo [--method M]`: the pipeline on a method's built-in CPU recipe (`Method.demo`, in
 icot/recipes/) with generated multiplication data and a word-level tokenizer built on it; nothing is
-downloaded. The recipe's `demo:` section says what data to generate; where it names an official test
+downloaded. `--method all` runs every method with a demo on one task from one recipe (`demo_all.yaml`:
+the shared teacher and no-CoT baseline once) and adds `icot compare`'s table and plot. The recipe's `demo:` section says what data to generate; where it names an official test
 file (`official_test`, e.g. the BIG-bench 4x4 set) and the reference data folder holds it, the run is
 evaluated on it and the generated splits share no pair with it; elsewhere a generated test split stands
 in, and the run says so. What the recipes' settings come from: docs/DEMO.md."""
@@ -14,12 +15,15 @@ import os
 from pathlib import Path
 
 from icot import registry
-from icot.config import DemoConfig, load_demo
+from icot.compare import compare_run
+from icot.config import DemoConfig, load_demo, load_methods
 from icot.errors import UserError
 from icot.pipeline import run_pipeline
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 DEMO_RECIPE = RECIPES / "demo.yaml"
+ALL = "all"
+ALL_RECIPE = RECIPES / "demo_all.yaml"
 REFERENCE_DATA_VARIABLE = "ICOT_REFERENCE_DATA"
 REFERENCE_DATA_BESIDE = Path("..") / "shared" / "data"   # beside a checkout, as in this project's workplace
 
@@ -30,10 +34,11 @@ def default_method() -> str:
 
 def demo_cli(overrides: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="icot demo", description="a method's built-in CPU pipeline")
-    parser.add_argument("--method", default=default_method(), choices=[m.name for m in registry.methods() if m.demo],
-                        help="whose demo (default %(default)s)")
-    parser.add_argument("--out", help="folder for data, tokenizer and the run (default runs/demo, "
-                                      "runs/demo_<method> for the others)")
+    parser.add_argument("--method", default=default_method(),
+                        choices=[m.name for m in registry.methods() if m.demo] + [ALL],
+                        help=f"whose demo (default %(default)s); {ALL}: every method on one task, one table")
+    parser.add_argument("--out", help="folder for data, tokenizer and the run (default runs/<the recipe's name>: "
+                                      "runs/demo, runs/demo_stepwise, ..., runs/demo_all)")
     parser.add_argument("--config", help="the recipe (default: the method's built-in one)")
     parser.add_argument("--reference_data", help=f"the folder of the official test files, the only one looked in when "
                                                  f"given (default: ${REFERENCE_DATA_VARIABLE}, else "
@@ -44,15 +49,17 @@ def demo_cli(overrides: list[str]) -> None:
     parser.add_argument("--noparallel_baseline", dest="parallel_baseline", action="store_false",
                         help="train the no-CoT baseline after the other stages instead of beside them")
     args, rest = parser.parse_known_args(overrides)
-    method = registry.get_method(args.method)
-    recipe = args.config or str(RECIPES / method.demo)
+    every = args.method == ALL
+    recipe = args.config or str(ALL_RECIPE if every else RECIPES / registry.get_method(args.method).demo)
     if not Path(recipe).is_file():
         raise UserError(f"--config: no such recipe file {recipe}")
     data = load_demo(recipe, {f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)
                               if getattr(args, f.name) is not None})
-    out = Path(args.out or ("runs/demo" if method.default else f"runs/demo_{method.name}"))
+    out = Path(args.out or Path("runs") / Path(recipe).stem)
     run_demo(out, recipe, data, rest, eval_max_examples=args.eval_max_examples,
              parallel_baseline=args.parallel_baseline, reference_data=args.reference_data)
+    if every:
+        compare_run(out / "run", load_methods(recipe, rest))
 
 
 def official_test_file(data: DemoConfig, reference_data: str | None) -> Path | None:

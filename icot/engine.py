@@ -494,6 +494,12 @@ class Strategy:
         """The learning rate the next optimizer step will use."""
         return float(engine.get_lr()[0])
 
+    def scale_lr(self, engine, factor: float) -> None:
+        """Multiply the learning rate of the coming optimizer step by `factor`. The LR scheduler sets each
+        step's rate afresh from train.schedule (LambdaLR is not chained), so factors never compound."""
+        for group in engine.optimizer.param_groups:
+            group["lr"] *= factor
+
     def reset_optimizer(self, engine) -> None:
         """Start the optimizer afresh, as a newly built one (a curriculum's rule): its moments and step
         counts cleared; the learning rate and its schedule go on."""

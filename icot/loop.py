@@ -222,9 +222,12 @@ class Trainer:
         """One optimizer step over this rank's micro batches; returns the all-reduced record."""
         step = self.progress.step
         global_batch = self.epoch_order(step)[step % self.steps_per_epoch]
-        update = self.stage.on_step(StepContext(step, step // self.steps_per_epoch, self.steps_per_epoch, global_batch))
+        update = self.stage.on_step(StepContext(step, step // self.steps_per_epoch, self.steps_per_epoch, global_batch,
+                                                self.steps))
         if update.reset_optimizer:
             self.strategy.reset_optimizer(self.engine)
+        if update.lr_scale != 1.0:   # on the schedule's rate of this step, which the scheduler sets afresh after it
+            self.strategy.scale_lr(self.engine, update.lr_scale)
         indices = micro_batch_indices(global_batch, self.micro, self.accumulation, self.strategy.world_size,
                                       self.strategy.rank)
         sums: dict[str, float] = {}
@@ -247,6 +250,7 @@ class Trainer:
         if not math.isfinite(record["loss"]):
             raise TrainingDiverged(f"{self.stage.name}: loss is {record['loss']} at step {step + 1}; "
                                    f"stopping (lower train.lr or enable train.grad_clip)")
+        self.stage.after_step(record)
         record["lr"] = lr
         record.update(update.scalars)
         if info.grad_norm is not None:

@@ -27,7 +27,7 @@ PLUGINS_VARIABLE = "ICOT_PLUGINS"
 ENTRY_POINT_GROUP = "icot.methods"
 VIEWS = ("cot", "nocot", "prompt", "cot_removed")   # icot.data.collate.view_ids
 # Words a stage or method may not be called: pipeline steps and the recipe's own top-level keys.
-RESERVED = ("eval", "run_dir", "model", "data", "train", "inputs", "stages", "methods", "stage")
+RESERVED = ("eval", "run_dir", "model", "data", "train", "inputs", "stages", "methods", "stage", "all")
 
 
 @dataclass(frozen=True)

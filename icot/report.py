@@ -105,7 +105,8 @@ def write_results(run_dir: Path, stages: list[StageRun], evaluation: dict[str, d
     plot_results(run_dir, stages, evaluation)
 
 
-def validation_curve(stage_folder: Path, tag: str = "valid/accuracy") -> list[tuple[int, float]]:
+def scalar_curve(stage_folder: Path, tag: str = "valid/accuracy") -> list[tuple[int, float]]:
+    """(step, value) of one TensorBoard scalar of a stage; empty where the stage logged none."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     if not (stage_folder / "tb").is_dir():
@@ -115,6 +116,35 @@ def validation_curve(stage_folder: Path, tag: str = "valid/accuracy") -> list[tu
     if tag not in events.Tags().get("scalars", []):
         return []
     return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def curriculum_changes(stage_folder: Path, stage: str) -> list[tuple[int, float]]:
+    """(step, new level) wherever the stage's curriculum moved on (a stepwise removal, a Coconut stage)."""
+    scalar = registry.get_stage(stage).load().curriculum_scalar
+    if scalar is None:
+        return []
+    curve = scalar_curve(stage_folder, f"train/{scalar}")
+    return [(step, value) for (_, before), (step, value) in zip(curve, curve[1:]) if value != before]
+
+
+def plot_validation_curves(axis, run_dir: Path, stages: list[str]) -> None:
+    """Each stage's validation accuracy against its optimizer steps, with a dotted line (in its colour)
+    wherever its curriculum moved on: a user sees where a removal or a stage lost the answer and when it
+    came back."""
+    for name in stages:
+        curve = scalar_curve(run_dir / name)
+        if not curve:
+            continue
+        steps, values = zip(*curve)
+        line, = axis.plot(steps, [100 * v for v in values], marker="o", markersize=3, label=name)
+        for step, _ in curriculum_changes(run_dir / name, name):
+            axis.axvline(step, color=line.get_color(), linestyle=":", linewidth=0.8, alpha=0.6)
+    axis.set_xlabel("optimizer step (dotted: the curriculum moves on)")
+    axis.set_ylabel("validation accuracy (%)")
+    axis.set_ylim(-5, 105)
+    axis.set_title("validation accuracy during training")
+    if axis.lines:
+        axis.legend(fontsize=8)
 
 
 def plot_results(run_dir: Path, stages: list[StageRun], evaluation: dict[str, dict]) -> None:
@@ -133,16 +163,7 @@ def plot_results(run_dir: Path, stages: list[StageRun], evaluation: dict[str, di
     left.set_ylim(-5, 105)
     left.set_title("accuracy vs throughput")
     left.legend(fontsize=8)
-    for s in stages:
-        curve = validation_curve(run_dir / s.name)
-        if curve:
-            steps, values = zip(*curve)
-            right.plot(steps, [100 * v for v in values], marker="o", label=s.name)
-    right.set_xlabel("optimizer step")
-    right.set_ylabel("validation accuracy (%)")
-    right.set_ylim(-5, 105)
-    right.set_title("validation accuracy during training")
-    right.legend(fontsize=8)
+    plot_validation_curves(right, run_dir, [s.name for s in stages])
     figure.tight_layout()
     figure.savefig(run_dir / "results.png", dpi=110)
     plt.close(figure)

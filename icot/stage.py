@@ -40,15 +40,18 @@ class StepContext:
     epoch: int                 # 0-based
     steps_per_epoch: int
     batch: np.ndarray          # the training-set indices of the whole (global) batch of this step
+    total_steps: int = 0       # optimizer steps of the whole run
 
 
 @dataclass
 class StepUpdate:
-    """What the step hook asks of the loop: scalars to log beside the loss, and whether to start the
-    optimizer afresh (its moments and step count cleared) before this step."""
+    """What the step hook asks of the loop: scalars to log beside the loss, whether to start the
+    optimizer afresh (its moments and step count cleared) before this step, and a factor on the
+    learning rate train.schedule gives this step (a curriculum's own decay, `icot.curriculum`)."""
 
     scalars: dict[str, float] = field(default_factory=dict)
     reset_optimizer: bool = False
+    lr_scale: float = 1.0
 
 
 def lm_metrics(output, labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -73,6 +76,7 @@ def shifted_lm_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, 
 
 class Stage(ABC):
     generation_target: str | None = None  # "cot" or "nocot": the view whose continuation validation decodes
+    curriculum_scalar: str | None = None  # the step hook's scalar that says how far its curriculum is (plots)
 
     def __init__(self, config: StageConfig, strategy, tokenizer):
         self.config = config
@@ -123,6 +127,11 @@ class Stage(ABC):
         lives here (its state in `state_dict`); training examples reach `collate` with their
         training-set `index`, so the schedule can decide per example."""
         return StepUpdate()
+
+    def after_step(self, record: dict[str, float]) -> None:
+        """Called after every optimizer step on every rank with its all-reduced record (loss, token
+        accuracy, ...), the same on every rank: a schedule that paces itself by the loss reads it here
+        (into its state, so that a resumed run decides as the uninterrupted one)."""
 
     def state_dict(self) -> dict:
         """The schedule's state, saved in every checkpoint (identical on every rank)."""

@@ -37,6 +37,8 @@ def run_stage(name: str, overrides: list[str]) -> str:
 
 
 def train_stage(cls, config: StageConfig, paths: Paths, stop) -> str:
+    import torch
+
     from icot.checkpoints import move_aside
     from icot.engine import Strategy
     from icot.lock import StageLock
@@ -46,7 +48,10 @@ def train_stage(cls, config: StageConfig, paths: Paths, stop) -> str:
     from icot.stage import check_input_tokenizers, fit_splits, input_exports, input_folders, load_split, stage_tokenizer
 
     process_started = time.time()
+    if config.train.threads is not None:
+        torch.set_num_threads(config.train.threads)
     strategy = Strategy(config.train).init_distributed()
+    strategy.log(f"torch threads: {torch.get_num_threads()} per rank")
     lock = StageLock(paths.root)
     if strategy.is_main:
         lock.check()   # a second run on this folder stops here, before its set-up
@@ -128,6 +133,8 @@ def write_stage_files(config: StageConfig, strategy, paths: Paths) -> None:
 
 def write_manifest(paths: Paths, config: StageConfig, inputs: dict[str, Path], exports: dict[str, tuple[Path, dict]],
                    trainer, seconds: float, started_at: float) -> None:
+    import torch
+
     from icot.exports import read_index
 
     spec = registry.get_stage(config.stage)
@@ -149,6 +156,7 @@ def write_manifest(paths: Paths, config: StageConfig, inputs: dict[str, Path], e
         "started_at": round(started_at, 1),    # this run's process, set-up included (epoch seconds)
         "finished_at": round(time.time(), 1),
         "world_size": trainer.strategy.world_size,
+        "threads": torch.get_num_threads(),   # per rank
         "validation": trainer.last_validation,
         "resumed_with_changes": trainer.config_changes,
         "export": str(paths.export.resolve()),

@@ -30,7 +30,9 @@ import torch
 pytest.register_assert_rewrite("tests.train_fixtures")
 pytest_plugins = ["tests.train_fixtures"]
 
+from icot.config import load_stage_config  # noqa: E402
 from icot.data.collate import IGNORE_INDEX  # noqa: E402
+from icot.errors import UserError  # noqa: E402
 from icot.data.steps import step_char_starts  # noqa: E402
 from icot.data.views import encode_batch, prefix_token_starts, with_cot_text  # noqa: E402
 from icot.methods.coconut import CoconutConfig  # noqa: E402
@@ -64,6 +66,8 @@ def test_step_rules_split_equations_and_partial_products():
     equations = "<<12*15=180>> <<180-30=150>>"
     assert step_char_starts(equations) == step_char_starts(equations, "equations") == [0, 14]
     assert step_char_starts("") == [] and step_char_starts("7 4", "plus") == [0]
+    columns = "05 051 067 78"   # the columns layout: one column sum a word, no `+`
+    assert step_char_starts(columns) == step_char_starts(columns, "words") == [0, 3, 7, 11]
 
 
 @pytest.mark.parametrize("kind", fixtures.TOKENIZER_KINDS)
@@ -246,6 +250,27 @@ def test_stages_follow_epochs_and_the_optimizer_resets_by_the_chosen_rule():
     by_stage = run_schedule(CoconutConfig(epochs_per_stage=3, epoch_offset=3, reset_optimizer="stage"), 7, 3)
     assert [step for step, (_, reset) in enumerate(by_stage) if reset] == [9, 18]
     assert not any(reset for _, reset in run_schedule(CoconutConfig(reset_optimizer="never"), 4))
+
+
+def test_steps_per_stage_paces_the_stages_in_steps_and_the_decay_starts_when_every_step_is_latent():
+    # From stage 1 (epoch_offset 1 at 1 epoch a stage): 2 steps, then 3, then 1 a stage; epochs of 4 steps
+    # play no part. Stage 3 > max_latent_stage 2 starts at step 5; the decay reaches 0 at step 10.
+    options = CoconutConfig(epochs_per_stage=1, epoch_offset=1, steps_per_stage=[2, 3, 1], max_latent_stage=2,
+                            reset_optimizer="stage", final_decay="linear")
+    schedule = CoconutSchedule(options, seed=1)
+    updates = [schedule.advance(StepContext(step, step // 4, 4, np.arange(4), total_steps=10)) for step in range(8)]
+    stages = [int(u.scalars["coconut_stage"]) for u in updates]
+    assert stages == [1, 1, 2, 2, 2, 3, 4, 5]
+    assert [step for step, u in enumerate(updates) if u.reset_optimizer] == [2, 5, 6, 7]   # at each stage change
+    assert [u.lr_scale for u in updates] == pytest.approx([1] * 5 + [1, 0.8, 0.6])
+    resumed = CoconutSchedule(options, seed=1)
+    resumed.load_state_dict(schedule.state_dict())
+    assert resumed.advance(StepContext(8, 2, 4, np.arange(4), total_steps=10)).lr_scale == pytest.approx(0.4)
+    # Without steps_per_stage the epochs pace it, and the rate stays the schedule's by default.
+    plain = run_schedule(CoconutConfig(epochs_per_stage=2), 4, 3)
+    assert [stage for stage, _ in plain] == [0] * 6 + [1] * 6
+    with pytest.raises(UserError, match="coconut.steps_per_stage: expected optimizer steps of at least 1"):
+        load_stage_config("coconut", None, ["--coconut.steps_per_stage=0"])
 
 
 def test_uniform_stage_draws_are_the_same_for_an_example_wherever_it_is_drawn():

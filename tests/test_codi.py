@@ -115,6 +115,34 @@ def test_hand_built_teacher_and_student_rows_equal_the_collated_batch(reference_
     assert whole["input_ids"][0].tolist()[:len(features[0]["cot_ids"])] == list(features[0]["cot_ids"])
 
 
+def test_answer_distillation_pulls_every_answer_position_of_both_rows():
+    """distill_positions answer: from `####` to the last answer token (each predicting the next), the same
+    tokens in the teacher and the student row, masked where a row's answer is shorter."""
+    tokenizer, tokens, features, texts = encoded("word")
+    options = CodiConfig(latents=2, distill_positions="answer")
+    batch = collate_codi(features, tokenizer, options, tokens, tokenizer.eos_token_id)
+    lengths = [len(answer.split()) for _, _, answer in texts]
+    assert len(set(lengths)) > 1   # the fixture has answers of several lengths: the mask matters
+    for part in ("teacher", "student"):
+        columns, mask = batch[part]["distill"], batch[part]["distill_mask"]
+        assert mask.tolist() == [[1] * (n + 1) + [0] * (max(lengths) - n) for n in lengths]
+        for row, (_, _, answer) in enumerate(texts):
+            ids = batch[part]["input_ids"][row].tolist()
+            picked = [ids[int(c)] for c, m in zip(columns[row], mask[row]) if m]
+            assert tokenizer.convert_ids_to_tokens(picked) == ["####", *answer.split()]
+    # The loss is the mean over the selected states (masked ones left out), per layer, over the teacher's std.
+    from icot.methods.codi.stage import distillation_loss
+
+    torch.manual_seed(0)
+    student, teacher = [torch.randn(2, 5, 4)], [torch.randn(2, 6, 4)]
+    columns_s, columns_t = torch.tensor([[1, 2, 0], [3, 4, 2]]), torch.tensor([[0, 5, 3], [2, 1, 0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    picked_s = torch.stack([student[0][0, 1], student[0][0, 2], student[0][1, 3], student[0][1, 4], student[0][1, 2]])
+    picked_t = torch.stack([teacher[0][0, 0], teacher[0][0, 5], teacher[0][1, 2], teacher[0][1, 1], teacher[0][1, 0]])
+    got = distillation_loss(student, columns_s, teacher, columns_t, "smooth_l1", True, mask)
+    assert torch.allclose(got, F.smooth_l1_loss(picked_s, picked_t) / picked_t.std())
+
+
 @pytest.mark.parametrize("kind", ["bpe", "sentencepiece"])
 def test_the_distillation_position_is_the_token_that_predicts_the_answer(kind):
     """GPT-2's ` ####` splits into several tokens and the answer's first token carries its space: the

@@ -79,7 +79,7 @@ def test_icot_kd_stage_names_appear_in_its_declaration_only():
 @pytest.fixture(scope="module")
 def toy_workspace(tmp_path_factory) -> Path:
     folder = make_workspace(tmp_path_factory.mktemp("toy"), train=256, valid=8, test=9)
-    write_recipe(folder, methods=["toy_curriculum"], toy_curriculum={"every": 3, "remove": 2})
+    write_recipe(folder, methods=["toy_curriculum"], toy_curriculum={"every": 3, "remove": 2, "decay_from": 12})
     return folder
 
 
@@ -146,6 +146,10 @@ def test_sigterm_mid_schedule_resumes_bitwise(toy_workspace, uninterrupted):
     assert 7 <= stopped < STEPS
     removed = dict(uninterrupted["train/removed_tokens"])
     assert 0 < removed[stopped] < removed[STEPS]   # stopped in the middle of the schedule
+    # The step hook's lr factor reached the optimizer: the rate logged at step s is the one step s used,
+    # 1e-3 up to step 13 (0-based 12), then falling linearly to 0 at step 24 (0-based 24).
+    lr = dict(uninterrupted["train/lr"])
+    assert [lr[s] for s in (1, 13, 14, 20)] == pytest.approx([1e-3, 1e-3, 1e-3 * 11 / 12, 1e-3 * 5 / 12])
     result = run_train(folder, "toy_stage", folder / "recipe.yaml", *overrides, env=PLUGIN)
     assert f"at step {stopped}" in result.stdout
     got = read_scalars(folder / "stopped/toy_stage/tb")

@@ -12,7 +12,7 @@ from icot import registry
 from icot.config import load_stage_config
 from icot.data.multiply import parse_operands, render_line
 from icot.config import DemoConfig
-from icot.demo import DEMO_RECIPE, REFERENCE_DATA_VARIABLE, official_test_file
+from icot.demo import DEMO_RECIPE, RECIPES, REFERENCE_DATA_VARIABLE, official_test_file
 from icot.pipeline import Progress, run_stages, view_tokens
 from icot.report import StageRun, format_seconds
 
@@ -78,7 +78,10 @@ def check_results(run_dir: Path):
 
 def test_demo_runs_a_shortened_multiplication_pipeline_and_skips_completed_stages(tmp_path):
     out = tmp_path / "demo"
-    args = ["demo", "--out", str(out), "--digits_a", "2", "--digits_b", "2", "--train", "256", "--valid", "16", "--test", "24", *TINY]
+    # train.threads reaches torch in the stage processes, set per stage here: 3 for the baseline beside the
+    # stages, 2 for the teacher; the other stages keep the pipeline's half of the cores.
+    args = ["demo", "--out", str(out), "--digits_a", "2", "--digits_b", "2", "--train", "256", "--valid", "16", "--test", "24", *TINY,
+            "--stages.no_cot.train.threads=3", "--stages.teacher.train.threads=2"]
     first = icot(*args, cwd=tmp_path)
     assert "estimate" not in first.stderr  # progress goes to stdout
     assert "about" in first.stdout and "left" in first.stdout  # the time-left estimate is shown
@@ -90,6 +93,8 @@ def test_demo_runs_a_shortened_multiplication_pipeline_and_skips_completed_stage
         manifest = json.loads((out / "run" / stage / "manifest.json").read_text())
         spans[stage] = (manifest["started_at"], manifest["finished_at"])
     assert spans["no_cot"][0] < spans["teacher"][1] and spans["teacher"][0] < spans["no_cot"][1]
+    threads = {stage: json.loads((out / "run" / stage / "manifest.json").read_text())["threads"] for stage in STAGES}
+    assert threads == {**{stage: max(1, os.cpu_count() // 2) for stage in STAGES}, "no_cot": 3, "teacher": 2}
     # Only the stages in sequence draw a progress bar: two bars on one terminal garble each other.
     assert "teacher: " in first.stderr and "no_cot: " not in first.stderr
     stage_lines = {line.split(" | ")[0][2:]: line for line in (out / "run/results.md").read_text().splitlines()
@@ -136,13 +141,16 @@ icot_kd: {{mixture: token, freeze: student}}
     assert json.loads((tmp_path / "eval.json").read_text())["examples"] == 12, evaluated.stdout
 
 
-def test_stepwise_demo_evaluates_on_the_official_test_set_or_says_it_generated_one(tmp_path, reference_data):
-    tiny = [*TINY, "--stepwise.remove_per_epoch=8", "--eval_max_examples", "12", "--train", "256", "--valid", "16",
+def test_stepwise_4x4_demo_evaluates_on_the_official_test_set_or_says_it_generated_one(tmp_path, reference_data):
+    """The stepwise 4x4 recipe takes BIG-bench's test set where the reference data folder holds it, and says it
+    generated one elsewhere."""
+    tiny = [*TINY, "--stepwise.steps_per_token=1", "--eval_max_examples", "12", "--train", "256", "--valid", "16",
             "--test", "24"]
     absent = tmp_path / "no_reference_data"
     absent.mkdir()
     env = {key: value for key, value in os.environ.items() if key != "ICOT_REFERENCE_DATA"}
-    generated = subprocess.run([sys.executable, "-m", "icot", "demo", "--method", "stepwise", "--out", "generated",
+    four = ["--config", str(RECIPES / "demo_stepwise_4x4.yaml")]
+    generated = subprocess.run([sys.executable, "-m", "icot", "demo", "--method", "stepwise", *four, "--out", "generated",
                                 "--reference_data", str(absent), *tiny], cwd=tmp_path,
                                env=dict(env, DS_ACCELERATOR="cpu"), capture_output=True, text=True, timeout=900)
     assert generated.returncode == 0, generated.stdout[-3000:] + generated.stderr[-3000:]
@@ -153,7 +161,7 @@ def test_stepwise_demo_evaluates_on_the_official_test_set_or_says_it_generated_o
     assert "Stepwise internalization" in (tmp_path / "generated/run/results.md").read_text()
     assert len((tmp_path / "generated/data/test.txt").read_text().splitlines()) == 24
 
-    official = icot("demo", "--method", "stepwise", "--out", "official", "--reference_data", str(reference_data),
+    official = icot("demo", "--method", "stepwise", *four, "--out", "official", "--reference_data", str(reference_data),
                     *tiny, cwd=tmp_path)
     test_file = reference_data / "4_by_4_mult/test_bigbench.txt"
     assert f"evaluating on the official test set {test_file}" in official.stdout
@@ -176,13 +184,23 @@ def test_an_explicit_reference_data_folder_is_the_only_one_looked_in(tmp_path, m
     assert official_test_file(data, str(empty)) is None   # not the environment's folder
 
 
+def assert_generated_3x2_paper(out: Path, stdout: str) -> None:
+    """The later methods' demos: 3x2 multiplication in the papers' layout, a generated test split (3x2 has no
+    official one, so nothing is said about one)."""
+    line = (out / "data/train.txt").read_text().splitlines()[0]
+    assert line == render_line(*parse_operands(line), layout="paper") and " + " in line
+    assert [len(operand.split()) for operand in line.split("||")[0].split(" * ")] == [3, 2]
+    assert len((out / "data/test.txt").read_text().splitlines()) == 24
+    assert "official test set" not in stdout and "generated test split instead" not in stdout
+
+
 def test_codi_demo_recipe_runs_end_to_end(tmp_path):
     tiny = [*TINY, "--eval_max_examples", "12", "--train", "256", "--valid", "16", "--test", "24",
             "--codi.lora_r=8", "--codi.projection_dim=32"]
     absent = tmp_path / "no_reference_data"
     absent.mkdir()
     demo = icot("demo", "--method", "codi", "--out", "demo", "--reference_data", str(absent), *tiny, cwd=tmp_path)
-    assert "evaluating on a generated test split instead" in demo.stdout
+    assert_generated_3x2_paper(tmp_path / "demo", demo.stdout)
     results = json.loads((tmp_path / "demo/run/results.json").read_text())
     assert set(results["modes"]) == {"no_cot", "explicit", "codi"}
     assert results["modes"]["codi"]["examples"] == 12
@@ -197,10 +215,30 @@ def test_coconut_demo_recipe_runs_end_to_end(tmp_path):
     absent = tmp_path / "no_reference_data"
     absent.mkdir()
     demo = icot("demo", "--method", "coconut", "--out", "demo", "--reference_data", str(absent), *tiny, cwd=tmp_path)
-    assert "evaluating on a generated test split instead" in demo.stdout
+    assert_generated_3x2_paper(tmp_path / "demo", demo.stdout)
     results = json.loads((tmp_path / "demo/run/results.json").read_text())
     assert set(results["modes"]) == {"no_cot", "explicit", "coconut"}
     assert results["modes"]["coconut"]["examples"] == 12
     assert "Coconut (continuous thoughts)" in (tmp_path / "demo/run/results.md").read_text()
     manifest = json.loads((tmp_path / "demo/run/coconut/manifest.json").read_text())
     assert manifest["input_exports"]["teacher"]["role"] == "start"
+
+
+def test_every_method_demo_trains_the_shared_stages_once_and_writes_one_table(tmp_path):
+    tiny = [*TINY, "--eval_max_examples", "12", "--train", "256", "--valid", "16", "--test", "24",
+            "--codi.lora_r=8", "--codi.projection_dim=32", "--stepwise.steps_per_token=1",
+            "--coconut.steps_per_stage=1", "--coconut.max_latent_stage=2"]
+    demo = icot("demo", "--method", "all", "--out", "all", *tiny, cwd=tmp_path)
+    run = tmp_path / "all/run"
+    results = json.loads((run / "results.json").read_text())
+    plan = [spec.name for spec in registry.plan(["icot_kd", "stepwise", "coconut", "codi"])]
+    assert list(results["stages"]) == plan and plan.count("teacher") == plan.count("no_cot") == 1
+    comparison = json.loads((run / "compare.json").read_text())
+    assert [row["mode"] for row in comparison["rows"]] == ["no_cot", "explicit", "implicit", "stepwise", "coconut",
+                                                           "codi"]
+    for row in comparison["rows"]:
+        assert row["examples_per_s_batch1"] > 0 and row["train_seconds"] > 0, row["mode"]
+    table = (run / "compare.md").read_text()
+    assert "| stepwise | Stepwise internalization (ICoT-SI) |" in table and table in demo.stdout
+    assert (run / "compare.png").stat().st_size > 10_000
+    assert_generated_3x2_paper(tmp_path / "all", demo.stdout)

@@ -29,7 +29,8 @@ import torch
 pytest.register_assert_rewrite("tests.train_fixtures")
 pytest_plugins = ["tests.train_fixtures"]
 
-from icot.config import stage_config  # noqa: E402
+from icot.config import load_stage_config, stage_config  # noqa: E402
+from icot.errors import UserError  # noqa: E402
 from icot.data.collate import IGNORE_INDEX  # noqa: E402
 from icot.methods.stepwise import StepwiseConfig  # noqa: E402
 from icot.methods.stepwise.schedule import RemovalSchedule, offset_distribution, remove_cot  # noqa: E402
@@ -61,6 +62,66 @@ def test_the_schedule_rises_linearly_within_epochs():
     # 9 tokens an epoch of 10 steps: one every step (round(1.1) = 1) from step 1 on.
     assert [s for s, _ in run_schedule(StepwiseConfig(remove_per_epoch=9, smoothing_lambda=math.inf), 5, 10)] == \
         [0, 1, 2, 3, 4]
+
+
+def test_steps_per_token_paces_each_removal_level_and_the_last_repeats():
+    # 2 steps with nothing removed, 3 with one token, then 1 a token: epochs play no part.
+    options = StepwiseConfig(steps_per_token=[2, 3, 1], smoothing_lambda=math.inf, reset_optimizer=False)
+    got = [s for s, _ in run_schedule(options, 9, 4)]
+    assert got == [0, 0, 1, 1, 1, 2, 3, 4, 5]
+    # One number is the reference's pace without the rounding: 89 steps a token whatever the epoch.
+    single = [s for s, _ in run_schedule(StepwiseConfig(steps_per_token=[89], smoothing_lambda=math.inf), 270, 1250)]
+    assert [single.index(k) for k in (1, 2, 3)] == [89, 178, 267]
+    with pytest.raises(UserError, match=r"command line: --stepwise.steps_per_token: expected optimizer steps of at least 1"):
+        load_stage_config("stepwise", None, ["--stepwise.steps_per_token=300,0"])
+
+
+def test_advance_at_loss_removes_as_soon_as_the_level_recovers_and_the_pace_caps_the_wait():
+    # Window 3, threshold 0.5, at most 6 steps a level. Losses (the step's, seen after it): level 0 recovers
+    # at once, so its first removal comes after the fewest steps (3); level 1 never recovers, so the cap
+    # (6 steps) removes the next; level 2 recovers after 4 steps (1.0 then three at 0.3, 0.3, 0.3).
+    options = StepwiseConfig(steps_per_token=[6], advance_at_loss=0.5, advance_window=3, smoothing_lambda=math.inf)
+    schedule = RemovalSchedule(options, seed=1)
+    losses = [0.4] * 3 + [2.0] * 6 + [1.0, 0.3, 0.3, 0.3] + [9.0] * 3
+    levels = []
+    for step, loss in enumerate(losses):
+        schedule.advance(StepContext(step, 0, 100, np.arange(4), total_steps=len(losses)), np.array([50] * 4))
+        levels.append(schedule.scheduled)
+        schedule.observe(loss)
+        if step == 11:   # a checkpoint here resumes with the window it had
+            resumed = RemovalSchedule(options, seed=1)
+            resumed.load_state_dict(schedule.state_dict())
+            assert resumed.recent_losses == schedule.recent_losses == [1.0, 0.3, 0.3]
+    assert levels == [0, 0, 0] + [1] * 6 + [2] * 4 + [3] * 3
+    # Without the threshold the losses change nothing.
+    fixed = RemovalSchedule(StepwiseConfig(steps_per_token=[6], smoothing_lambda=math.inf), seed=1)
+    seen = []
+    for step, loss in enumerate(losses):
+        fixed.advance(StepContext(step, 0, 100, np.arange(4)), np.array([50] * 4))
+        seen.append(fixed.scheduled)
+        fixed.observe(loss)
+    assert seen == [0] * 6 + [1] * 6 + [2] * 4
+
+
+def test_final_decay_starts_at_the_last_removal_and_reaches_zero_at_the_end():
+    # CoTs of 3 tokens, one removed every 2 steps: the third removal (the longest CoT) comes at step 6.
+    options = StepwiseConfig(steps_per_token=[2], smoothing_lambda=math.inf, final_decay="linear")
+    schedule = RemovalSchedule(options, seed=1)
+    scales = [schedule.advance(StepContext(step, 0, 100, np.arange(4), total_steps=10), np.array([3, 2, 3, 1]))[0].lr_scale
+              for step in range(10)]
+    assert scales == pytest.approx([1, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25])
+    assert schedule.state_dict()["ended_at"] == 6
+    resumed = RemovalSchedule(options, seed=1)
+    resumed.load_state_dict(schedule.state_dict())
+    assert resumed.ended_at == 6
+    cosine = RemovalSchedule(StepwiseConfig(steps_per_token=[2], smoothing_lambda=math.inf, final_decay="cosine"), 1)
+    scales = [cosine.advance(StepContext(step, 0, 100, np.arange(4), total_steps=10), np.array([3] * 4))[0].lr_scale
+              for step in range(10)]
+    assert scales[:7] == [1.0] * 7 and scales[8] == pytest.approx(0.5) and scales[7] > 0.5 > scales[9] > 0
+    # The default keeps the reference's constant rate.
+    plain = RemovalSchedule(StepwiseConfig(steps_per_token=[2], smoothing_lambda=math.inf), 1)
+    assert {plain.advance(StepContext(step, 0, 100, np.arange(4), total_steps=10), np.array([3] * 4))[0].lr_scale
+            for step in range(10)} == {1.0}
 
 
 def test_pretrain_epochs_hold_the_count_and_the_threshold_removes_everything():
@@ -185,6 +246,34 @@ def test_kept_positions_in_decoding_continue_from_the_shifted_separator():
             ids.append(token)
             positions.append(positions[-1] + 1)
         assert row == want
+
+
+def test_decoding_ends_where_the_positions_end_kept_positions_included():
+    """A model that never writes its separators (here: its logit masked) decodes until the positions are
+    full, and no further: with kept positions every new token sits `shift` further (the stepwise mode; the
+    stage's validation decodes through the same bound)."""
+    from types import SimpleNamespace
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from icot.data.collate import collate_generate
+    from icot.methods.stepwise.modes import StepwiseModel
+    from icot.models.generation import generate_explicit
+    from tests.model_helpers import VOCAB
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_layer=1, n_embd=16, n_head=2, n_positions=12)).eval()
+    model.lm_head.register_forward_hook(lambda module, args, logits: logits.index_fill(-1, torch.tensor([SEP]), -1e9))
+    prompts = [[5, 6, 8, SEP], [7, SEP]]
+    batch = collate_generate([{"nocot_ids": p + [3, SEP], "prompt_len": len(p)} for p in prompts], SEP)
+    plain = generate_explicit(model, batch, separator_id=SEP, max_new_tokens=50)
+    assert [len(row) for row in plain] == [12 - 4] * 2   # the longest prompt (4 positions) bounds the batch
+
+    class Shifted(StepwiseModel):
+        position_shift = 3
+
+    shifted = Shifted("stepwise", model, SimpleNamespace(eos_token_id=SEP)).generate(batch, max_new_tokens=50)
+    assert [len(row) for row in shifted] == [12 - 4 - 3] * 2
 
 
 def test_keep_position_refuses_decoders_without_learned_positions():

@@ -4,7 +4,7 @@
 role `start`) and fine-tunes it on the with-CoT view while a schedule removes CoT tokens from the left:
 every `toy_curriculum.every` optimizer steps it removes `toy_curriculum.remove` more, plus 0 or 1 drawn
 from a generator that lives in the schedule's state (so a resumed run must restore it to train on the
-same batches). Its mode `toy` answers like explicit CoT (the model writes what CoT it still has, then
+same batches); from step `toy_curriculum.decay_from` on, its learning rate decays to 0. Its mode `toy` answers like explicit CoT (the model writes what CoT it still has, then
 the answer).
 """
 
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from icot.config import option
+from icot.curriculum import final_decay_factor
 from icot.data.collate import view_ids
 from icot.evaluate import DecoderModel
 from icot.models.generation import generate_explicit
@@ -27,6 +28,8 @@ from icot.stage import Stage, StepUpdate, lm_metrics, prepare_decoder, unwrap
 class ToyConfig:
     every: int = option(2, minimum=1, help="optimizer steps between removals")
     remove: int = option(1, minimum=0, help="CoT tokens removed at each removal, before the random extra")
+    decay_from: int = option(0, minimum=0, help="from this optimizer step on, the learning rate falls linearly to 0 "
+                                                "at the run's end (0: never)")
 
 
 class ToyStage(Stage):
@@ -44,7 +47,9 @@ class ToyStage(Stage):
     def on_step(self, context):
         if context.step % self.config.toy_curriculum.every == 0 and context.step > 0:
             self.removed += self.config.toy_curriculum.remove + int(self.rng.integers(0, 2))
-        return StepUpdate({"removed_tokens": float(self.removed)})
+        decay_from = self.config.toy_curriculum.decay_from or None
+        return StepUpdate({"removed_tokens": float(self.removed)},
+                          lr_scale=final_decay_factor("linear", context.step, decay_from, context.total_steps))
 
     def state_dict(self):
         return {"removed": self.removed, "rng": self.rng.bit_generator.state}

@@ -11,7 +11,9 @@ Rules (`data.steps`):
   in parentheses that follows it, from the second on) through the `+` that ends it; the last step runs to
   the end of the CoT. `1 7 4 3 3 + 0 6 7 8 4 1 ( 1 3 2 2 8 1 ) + 0 0 ...` has the steps `1 7 4 3 3 +`,
   `0 6 7 8 4 1 ( 1 3 2 2 8 1 ) +`, ...;
-- `auto`: `equations` for a CoT that holds `<<`, else `plus`.
+- `words`: one step per whitespace-separated word: the columns layout of `icot data multiply`, whose
+  CoT is one column sum per word (`05 051 067 78`);
+- `auto`: `equations` for a CoT that holds `<<`, `plus` for one that holds `+`, else `words`.
 An empty CoT has no step.
 """
 
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import re
 
-STEP_RULES = ("auto", "equations", "plus")
+STEP_RULES = ("auto", "equations", "plus", "words")
 _CHUNK = re.compile(r"\S+")
 _PLUS_STEP = re.compile(r"[^+]*\+|[^+]+$")
 
@@ -29,8 +31,8 @@ def step_char_starts(cot: str, rule: str = "auto") -> list[int]:
     if rule not in STEP_RULES:
         raise ValueError(f"unknown step rule {rule!r}: expected one of {', '.join(STEP_RULES)}")
     if rule == "auto":
-        rule = "equations" if "<<" in cot else "plus"
-    if rule == "equations":
+        rule = "equations" if "<<" in cot else "plus" if "+" in cot else "words"
+    if rule in ("equations", "words"):   # the same split: whitespace-separated chunks
         return [match.start() for match in _CHUNK.finditer(cot)]
     starts = []
     for match in _PLUS_STEP.finditer(cot):

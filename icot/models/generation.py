@@ -21,7 +21,8 @@ from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from icot.models.coupled import CoupledModel
-from icot.models.decoder import unwrap
+from icot.errors import UserError
+from icot.models.decoder import position_limit, unwrap
 
 
 class IgnorePaddingWarning(logging.Filter):
@@ -64,10 +65,26 @@ def truncate_after_separators(new_tokens: torch.Tensor, separator_id: int, count
     return rows
 
 
+def room_after(decoder: nn.Module, last_positions: torch.Tensor) -> int:
+    """How many new tokens fit in the decoder's positions after prompts that end at position
+    `last_positions[b] - 1` (their lengths, or those plus a position shift); no limit where the decoder
+    states none."""
+    limit = position_limit(decoder)
+    if limit is None:
+        return 2**31
+    room = limit - int(last_positions.max())
+    if room < 1:
+        raise UserError(f"a prompt fills the decoder's {limit} positions: nothing can be generated after it "
+                        f"(raise model.max_positions)")
+    return room
+
+
 def greedy_decode(decoder: nn.Module, batch: dict[str, torch.Tensor], separator_id: int, separators: int,
                   max_new_tokens: int, synced: bool = False) -> list[list[int]]:
-    """Greedy decoding from a left-padded prompt batch until `separators` new separators per row."""
+    """Greedy decoding from a left-padded prompt batch until `separators` new separators per row, or until
+    the longest row fills the decoder's positions (a model that never stops must not index past them)."""
     prompt_length = batch["input_ids"].size(1)
+    max_new_tokens = min(max_new_tokens, room_after(decoder, batch["attention_mask"].sum(dim=1)))
     stop = StopAfterSeparators(separator_id, separators, prompt_length)
     output = decoder.generate(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

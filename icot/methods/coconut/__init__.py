@@ -13,11 +13,16 @@ from dataclasses import dataclass
 from typing import Literal
 
 from icot.config import option
+from icot.curriculum import FinalDecay, final_decay_help
 from icot.registry import Method, Mode, StageSpec, register
 
 
 def _probability(value: float) -> str | None:
     return None if value <= 1.0 else "expected a probability in [0, 1]"
+
+
+def _positive_steps(value: list[int]) -> str | None:
+    return None if all(steps >= 1 for steps in value) else "expected optimizer steps of at least 1"
 
 
 @dataclass
@@ -29,7 +34,13 @@ class CoconutConfig:
                         "training in the run, as the reference's ProsQA runs)")
     thoughts_per_step: int = option(2, minimum=1, help="continuous thoughts per replaced step (the "
                                                        "reference's c_thought)")
-    epochs_per_stage: int = option(3, minimum=1, help="epochs of each curriculum stage")
+    epochs_per_stage: int = option(3, minimum=1, help="epochs of each curriculum stage (where "
+                                                      "coconut.steps_per_stage is empty)")
+    steps_per_stage: list[int] = option(
+        factory=list, check=_positive_steps,
+        help="optimizer steps of each curriculum stage, instead of epochs_per_stage: one number, or one per "
+             "stage the run trains, in order from its first (epoch_offset // epochs_per_stage; the last "
+             "repeats), e.g. 500,1500,1500 to give the later stages longer; empty: epochs_per_stage")
     max_latent_stage: int = option(3, minimum=0, help="the last stage that replaces steps one by one; beyond it "
                                                       "every step is removed")
     pad_latent_to_max: bool = option(
@@ -49,6 +60,8 @@ class CoconutConfig:
                      "resize (transformers' resize alone: the mean of the old rows plus noise, what the "
                      "published results used before the reference fixed its copy)")
     init_token: str = option("<<", help="the token whose embedding and output rows the new tokens copy")
+    final_decay: FinalDecay = option("none", resumable=True,
+                                     help=final_decay_help("every step is latent (stage > max_latent_stage)"))
 
 
 METHOD = register(Method(

@@ -24,6 +24,7 @@ from icot.stage import Stage, shifted_lm_metrics, start_decoder
 
 class CoconutStage(Stage):
     generation_target = "cot"   # at early stages the model still writes the steps left
+    curriculum_scalar = "coconut_stage"
 
     def __init__(self, config, strategy, tokenizer):
         super().__init__(config, strategy, tokenizer)

@@ -38,6 +38,11 @@ class CodiConfig:
                                               "prj_no_ln)")
     include_last_step: bool = option(False, help="keep the CoT's last step in the teacher sequence (the reference "
                                                  "drops it: include_last_cot false)")
+    distill_positions: Literal["first", "answer"] = option(
+        "first", help="where the student's states are pulled towards the teacher's: first (the token that "
+                      "predicts the answer's first token, the reference) or answer (that token and every later "
+                      "one of the answer, each predicting the next: an icot option for answers of many tokens, "
+                      "such as a multiplication's digits, whose first token alone says little)")
     distill_loss: Literal["smooth_l1", "l2"] = option("smooth_l1", help="the distillation loss per layer "
                                                                         "(SmoothL1 with beta 1, or MSE)")
     distill_div_std: bool = option(True, help="divide each layer's distillation loss by the std of the teacher's "

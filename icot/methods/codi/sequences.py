@@ -12,7 +12,8 @@ only right-padded. Its labels cover what follows `<|eot|>`, as the reference's d
 `codi.include_last_step` (the reference's include_last_cot); steps come from the data layer
 (`step_starts`, `icot.data.steps`).
 
-The distillation position is the token that predicts the answer's first token, in both sequences: the
+The distillation position is the token that predicts the answer's first token, in both sequences (with
+`codi.distill_positions: answer`, also every later answer token but the last separator): the
 reference's "The answer is:" ends with ":" for GPT-2 and with a lone space token for Llama-class
 tokenizers (its +1 there, model.py:306-308); icot finds, for any tokenizer, the last token before the
 first one that holds a character of the answer (`answer_offset`).
@@ -103,25 +104,37 @@ def student_sequence(feature: dict, latents: int, tokens: CodiTokens) -> tuple[l
 
 
 def collate_codi(features: Sequence[dict], tokenizer, options, tokens: CodiTokens, pad_id: int) -> dict:
-    """The `teacher` and `student` batches of a CODI step, each with `distill` (the column of the token
-    that predicts the answer, per row)."""
+    """The `teacher` and `student` batches of a CODI step, each with `distill`: the column of the token that
+    predicts the answer, per row ([B]); with `distill_positions: answer`, that column and the later ones of
+    the answer segment up to the one before its last separator ([B, K], right-padded with the first column
+    and masked by `distill_mask`, the same in both batches: the rows share their answer segment)."""
     teachers, students = [], []
     teacher_columns, student_columns, student_label_starts = [], [], []
     for feature in features:
         teacher, second = teacher_sequence(feature, options.include_last_step)
         student, eot = student_sequence(feature, options.latents, tokens)
-        offset = answer_offset(tokenizer, teacher[second + 1:])
+        segment = teacher[second + 1:]
+        offset = answer_offset(tokenizer, segment)
+        count = len(segment) - 1 - offset if options.distill_positions == "answer" else 1
         teachers.append(teacher)
-        teacher_columns.append(second + 1 + offset)
+        teacher_columns.append([second + 1 + offset + i for i in range(count)])
         students.append(student)
-        student_columns.append(eot + 2 + offset)   # <|eot|> <sep> then the segment
+        student_columns.append([eot + 2 + offset + i for i in range(count)])   # <|eot|> <sep> then the segment
         student_label_starts.append(eot + 1)
     teacher_batch = collate_thoughts(teachers, [int(f["prompt_len"]) for f in features], tokens.latent, pad_id)
-    teacher_batch["distill"] = torch.tensor(teacher_columns)
     student_batch = collate_thoughts(students, student_label_starts, tokens.latent, pad_id)
     if options.reference_masking:
         student_batch = reference_layout(student_batch)
-    student_batch["distill"] = student_batch["left_padding"] + torch.tensor(student_columns)
+    if options.distill_positions == "first":
+        teacher_batch["distill"] = torch.tensor([columns[0] for columns in teacher_columns])
+        student_batch["distill"] = student_batch["left_padding"] + torch.tensor([c[0] for c in student_columns])
+        return {"teacher": teacher_batch, "student": student_batch}
+    width = max(map(len, teacher_columns))
+    mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in teacher_columns])
+    for batch, columns in ((teacher_batch, teacher_columns), (student_batch, student_columns)):
+        batch["distill"] = torch.tensor([c + [c[0]] * (width - len(c)) for c in columns])
+        batch["distill_mask"] = mask
+    student_batch["distill"] = student_batch["distill"] + student_batch["left_padding"][:, None]
     return {"teacher": teacher_batch, "student": student_batch}
 
 

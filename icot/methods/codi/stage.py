@@ -29,16 +29,26 @@ from icot.models.thoughts import thought_forward
 from icot.stage import Stage, shifted_lm_metrics, start_decoder
 
 
+def selected_states(hidden: torch.Tensor, columns: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """[N, H]: hidden[b, columns[b]] for 1-D columns; for [B, K] columns, hidden[b, columns[b, k]] where
+    mask[b, k] (row-major)."""
+    if columns.dim() == 1:
+        return gather_rows(hidden, columns)
+    picked = hidden.gather(1, columns.unsqueeze(-1).expand(-1, -1, hidden.size(-1)))   # [B, K, H]
+    return picked[mask.bool()]
+
+
 def distillation_loss(student_states, student_columns: torch.Tensor, teacher_states, teacher_columns: torch.Tensor,
-                      kind: str = "smooth_l1", div_std: bool = True) -> torch.Tensor:
-    """The mean over layers (the embedding output first) of the loss between the student's state at
-    `student_columns` and the teacher's (detached) at `teacher_columns`; with `div_std` each layer's loss
+                      kind: str = "smooth_l1", div_std: bool = True, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean over layers (the embedding output first) of the loss between the student's states at
+    `student_columns` and the teacher's (detached) at `teacher_columns` (one column per row, or [B, K]
+    under `mask`: the loss is then the mean over every selected state); with `div_std` each layer's loss
     is divided by the std of the teacher's selected states, twice for l2 (codi:src/model.py:354-368).
     In float32 whatever the model's precision."""
     total = 0.0
     for student, teacher in zip(student_states, teacher_states, strict=True):
-        picked = gather_rows(student, student_columns).float()
-        target = gather_rows(teacher, teacher_columns).detach().float()
+        picked = selected_states(student, student_columns, mask).float()
+        target = selected_states(teacher, teacher_columns, mask).detach().float()
         loss = F.smooth_l1_loss(picked, target) if kind == "smooth_l1" else F.mse_loss(picked, target)
         if div_std:
             std = target.std()
@@ -64,7 +74,8 @@ def codi_loss(model, batch: dict, options, latent_id: int) -> dict[str, torch.Te
         targets = graded.hidden_states
     teacher_loss = shifted_lm_metrics(graded.logits, teacher["labels"])["loss"]
     distill = distillation_loss(output.hidden_states, student["distill"] - output.hidden_start, targets,
-                                teacher["distill"], options.distill_loss, options.distill_div_std)
+                                teacher["distill"], options.distill_loss, options.distill_div_std,
+                                teacher.get("distill_mask"))
     student_loss = metrics["loss"]
     metrics["loss"] = student_loss + options.distill_weight * distill + options.teacher_weight * teacher_loss
     metrics.update(student_loss=student_loss.detach(), distill_loss=distill.detach(),

@@ -12,7 +12,12 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from icot.config import option
+from icot.curriculum import FinalDecay, final_decay_help
 from icot.registry import Method, Mode, StageSpec, register
+
+
+def _positive_steps(value: list[int]) -> str | None:
+    return None if all(steps >= 1 for steps in value) else "expected optimizer steps of at least 1"
 
 
 @dataclass
@@ -21,7 +26,23 @@ class StepwiseConfig:
         "base", help="the weights it starts from: base (model.name_or_path, or a model from scratch, as the reference) "
                      "or teacher (the shared explicit-CoT teacher's export: the CoT is learnt already)")
     remove_per_epoch: float = option(8.0, minimum=0.0, help="CoT tokens removed per epoch, one every "
-                                                            "round(steps per epoch / this) optimizer steps")
+                                                            "round(steps per epoch / this) optimizer steps "
+                                                            "(where stepwise.steps_per_token is empty)")
+    steps_per_token: list[int] = option(
+        factory=list, check=_positive_steps,
+        help="optimizer steps between removals, instead of remove_per_epoch: one number, or one per removal "
+             "level (the i-th, counted from 0: the steps with i tokens removed before the next removal; the "
+             "last repeats), e.g. 300,300,900 to remove fast where the model recovers fast and slowly where "
+             "it does not; empty: remove_per_epoch")
+    advance_at_loss: Optional[float] = option(
+        None, minimum=0.0,
+        help="pace by recovery: remove the next token as soon as the mean training loss of the last "
+             "stepwise.advance_window steps at the current removal is at most this (steps_per_token, or "
+             "remove_per_epoch, is then the most steps a removal may take); null: the fixed pace")
+    advance_window: int = option(100, minimum=1, help="steps whose mean training loss stepwise.advance_at_loss "
+                                                      "reads; also the fewest steps a removal takes")
+    final_decay: FinalDecay = option("none", resumable=True,
+                                     help=final_decay_help("the whole CoT is removed (the longest training CoT)"))
     remove_all_beyond: Optional[int] = option(
         None, minimum=0, help="once this many tokens are scheduled, remove the whole CoT (GSM8K: 39); null: never")
     smoothing_lambda: float = option(4.0, minimum=0.0, help="removal smoothing: each example removes k more tokens "

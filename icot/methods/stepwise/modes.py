@@ -8,7 +8,7 @@ from contextlib import nullcontext
 import torch
 
 from icot.evaluate import DecoderModel
-from icot.models.generation import generate_explicit
+from icot.models.generation import generate_explicit, room_after
 from icot.models.io import read_description
 from icot.models.positions import shifted_positions
 
@@ -27,8 +27,12 @@ class StepwiseModel(DecoderModel):
         return shifted_positions(self.model, separator_positions, torch.full_like(separator_positions, shift))
 
     def generate(self, batch, max_new_tokens, synced=False):
-        # Left-padded prompts: the separator's position is the last column's.
-        with self.kept_positions(batch["position_ids"][:, -1]):
+        # Left-padded prompts: the separator's position is the last column's; kept positions move every
+        # new token `position_shift` further, so fewer fit in the positions.
+        separators = batch["position_ids"][:, -1]
+        if self.position_shift:
+            max_new_tokens = min(max_new_tokens, room_after(self.model, separators + 1 + self.position_shift))
+        with self.kept_positions(separators):
             return generate_explicit(self.model, batch, self.separator_id, max_new_tokens, synced)
 
     @torch.no_grad()

@@ -3,13 +3,20 @@ da03/Internalize_CoT_Step_by_Step src/train.py:242-310), one decision per optimi
 
 - `steps_per_removal = round(steps per epoch / remove_per_epoch)`: a counter advances every step (from
   `pretrain_epochs` on) and, when it reaches that number, one more token is scheduled for removal and
-  the counter restarts: the scheduled count rises linearly within each epoch.
+  the counter restarts: the scheduled count rises linearly within each epoch. icot's `steps_per_token`
+  gives that number in steps instead, one for every removal level where the pace should change; with
+  `advance_at_loss` the next removal comes as soon as the mean training loss of the last
+  `advance_window` steps at the current level is that low (the fixed pace is then the longest wait):
+  fast where the model recovers fast, slowly where it does not.
 - At the start of an epoch, and after each increment, a count at or beyond `remove_all_beyond` becomes
   "everything" (infinite).
 - Each example removes `scheduled + k` tokens, k drawn from P(k) = (1 - e^-lambda) e^(-lambda k) for
   k = 0..99 (the rest of the mass on 99; lambda = inf: k = 0), clipped to its CoT; the separator after
   the CoT always stays. During the pretrain epochs it removes `remove_start_from`.
 - A fresh optimizer at each increment (`reset_optimizer`), unless the previous batch had no CoT left.
+
+After the last removal (the longest training CoT scheduled), `final_decay` lets the learning rate decay
+to 0 at the run's end (`icot.curriculum`; the reference keeps it constant).
 
 One departure: k is drawn per example from a generator seeded by (seed, step, example index), not from
 torch's global generator, so that every rank, every world size and every resumed run removes the same.
@@ -23,6 +30,7 @@ import math
 
 import numpy as np
 
+from icot.curriculum import final_decay_factor
 from icot.stage import StepContext, StepUpdate
 
 OFFSETS = 100   # k = 0..99
@@ -55,14 +63,38 @@ class RemovalSchedule:
         self.scheduled: float = options.remove_start_from   # tokens, or math.inf: everything
         self.counter = 0
         self.all_removed_before = False    # the previous batch had no CoT left
+        self.ended_at: int | None = None   # the step whose schedule first reached the longest CoT
+        self.recent_losses: list[float] = []   # training losses at the current level (advance_at_loss)
 
     # -- the state a checkpoint carries ----------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"scheduled": self.scheduled, "counter": self.counter, "all_removed_before": self.all_removed_before}
+        return {"scheduled": self.scheduled, "counter": self.counter, "all_removed_before": self.all_removed_before,
+                "ended_at": self.ended_at, "recent_losses": list(self.recent_losses)}
 
     def load_state_dict(self, state: dict) -> None:
         self.scheduled, self.counter = state["scheduled"], state["counter"]
         self.all_removed_before = state["all_removed_before"]
+        self.ended_at = state.get("ended_at")
+        self.recent_losses = list(state.get("recent_losses", []))
+
+    def observe(self, loss: float) -> None:
+        """The training loss of the step just taken (advance_at_loss reads the last advance_window)."""
+        if self.options.advance_at_loss is not None:
+            self.recent_losses = (self.recent_losses + [loss])[-self.options.advance_window:]
+
+    def recovered(self) -> bool:
+        """advance_at_loss: the level's last advance_window losses average at most the threshold."""
+        threshold, window = self.options.advance_at_loss, self.options.advance_window
+        return (threshold is not None and len(self.recent_losses) == window
+                and sum(self.recent_losses) / window <= threshold)
+
+    def period(self, steps_per_epoch: int) -> int:
+        """Optimizer steps at the current removal level before the next removal."""
+        steps = self.options.steps_per_token
+        if not steps:
+            return steps_per_removal(steps_per_epoch, self.options.remove_per_epoch)
+        level = len(steps) - 1 if math.isinf(self.scheduled) else int(self.scheduled)
+        return steps[min(level, len(steps) - 1)]
 
     # -- one step ----------------------------------------------------------------------------------
     def advance(self, context: StepContext, cot_lengths: np.ndarray) -> tuple[StepUpdate, dict[int, float]]:
@@ -75,10 +107,11 @@ class RemovalSchedule:
             if self.scheduled >= self.threshold:
                 self.scheduled = math.inf
         before = self.scheduled
-        period = steps_per_removal(context.steps_per_epoch, options.remove_per_epoch)
-        if self.counter == period or period == 0:        # train.py:257-259
-            self.scheduled += 1
+        period = self.period(context.steps_per_epoch)
+        if self.counter == period or period == 0 or (self.recovered() and not math.isinf(self.scheduled)):
+            self.scheduled += 1                          # train.py:257-259
             self.counter = 0
+            self.recent_losses = []
         if context.epoch >= options.pretrain_epochs:     # train.py:260-261
             self.counter += 1
         reset = self.scheduled > before and options.reset_optimizer and not self.all_removed_before
@@ -95,8 +128,11 @@ class RemovalSchedule:
             else:
                 all_removed = True   # the reference's test, see the module docstring
         self.all_removed_before = all_removed
+        if self.ended_at is None and self.scheduled >= int(cot_lengths.max(initial=0)):
+            self.ended_at = context.step
+        lr_scale = final_decay_factor(options.final_decay, context.step, self.ended_at, context.total_steps)
         scalars = {"removed_tokens": float(self.scheduled), "cot_removed_everywhere": float(all_removed)}
-        return StepUpdate(scalars, reset_optimizer=reset), removals
+        return StepUpdate(scalars, reset_optimizer=reset, lr_scale=lr_scale), removals
 
     def offset(self, step: int, index: int) -> int:
         if self.distribution[0] == 1.0:

@@ -20,7 +20,7 @@ import torch
 from icot.data.collate import as_list, second_separator
 from icot.errors import UserError
 from icot.methods.stepwise.schedule import RemovalSchedule, removal_count, remove_cot
-from icot.models.generation import generate_explicit
+from icot.models.generation import generate_explicit, room_after
 from icot.models.io import load_component
 from icot.models.positions import position_embedding, shifted_positions
 from icot.stage import Stage, fresh_decoder, lm_metrics, prepare_decoder, unwrap
@@ -49,6 +49,7 @@ def cot_lengths(dataset, separator_id: int) -> np.ndarray:
 
 class StepwiseStage(Stage):
     generation_target = "cot_removed"
+    curriculum_scalar = "removed_tokens"
 
     def __init__(self, config, strategy, tokenizer):
         super().__init__(config, strategy, tokenizer)
@@ -96,6 +97,9 @@ class StepwiseStage(Stage):
     def on_step(self, context):
         update, self.removals = self.schedule.advance(context, self.cot_lengths)
         return update
+
+    def after_step(self, record):
+        self.schedule.observe(record["loss"])
 
     def state_dict(self):
         return self.schedule.state_dict()
@@ -165,6 +169,9 @@ class StepwiseStage(Stage):
         longest_cot = max(second - prompt_len for prompt_len, second in spans)
         removed = torch.tensor([removal_count(prompt_len, second, self.to_remove(f))
                                 for (prompt_len, second), f in zip(spans, features)])
-        # The prompt is left-padded: its separator's position is the last column's.
-        with self.kept_positions(model, batch["position_ids"][:, -1], removed):
-            return generate_explicit(unwrap(model), batch, self.separator_id, cap + longest_cot, synced)
+        # The prompt is left-padded: its separator's position is the last column's. Kept positions move
+        # every new token `removed` further: no more may come than the positions hold.
+        separators = batch["position_ids"][:, -1]
+        room = room_after(unwrap(model), separators + 1 + removed) if self.options.keep_position else cap + longest_cot
+        with self.kept_positions(model, separators, removed):
+            return generate_explicit(unwrap(model), batch, self.separator_id, min(cap + longest_cot, room), synced)
