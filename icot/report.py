@@ -19,7 +19,7 @@ class StageRun:
     work: float = 0.0     # relative cost of the whole stage (see Stage.work_per_step); 0 where unknown
     seconds: float = 0.0
     skipped: bool = False
-    beside: bool = False  # ran beside the stages in sequence, with half the CPU threads
+    beside: bool = False  # ran beside the stages in sequence
 
 
 def format_seconds(seconds: float) -> str:
@@ -98,11 +98,21 @@ def write_results(run_dir: Path, stages: list[StageRun], evaluation: dict[str, d
                      f"(batch {r['batch_size']}) |")
     lines += ["", "| stage | steps | wall time |", "|---|---|---|"]
     for s in stages:
-        note = " (earlier run)" if s.skipped else " (beside the other stages, half the threads)" if s.beside else ""
+        threads = stage_threads(run_dir / s.name)
+        where = f", {threads} thread{'s' * (threads != 1)}" if threads else ""
+        note = " (earlier run)" if s.skipped else f" (beside the other stages{where})" if s.beside else ""
         lines.append(f"| {s.name} | {s.steps} | {format_seconds(s.seconds)}{note} |")
     lines += ["", f"Total wall time of this invocation: {format_seconds(total_seconds)}.", ""]
     (run_dir / "results.md").write_text("\n".join(lines))
     plot_results(run_dir, stages, evaluation)
+
+
+def stage_threads(stage_folder: Path) -> int | None:
+    """The torch threads a finished stage trained with (its manifest's record; None before it was kept)."""
+    try:
+        return json.loads((stage_folder / "manifest.json").read_text()).get("threads")
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
 
 
 def scalar_curve(stage_folder: Path, tag: str = "valid/accuracy") -> list[tuple[int, float]]:

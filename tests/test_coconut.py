@@ -258,9 +258,13 @@ def test_steps_per_stage_paces_the_stages_in_steps_and_the_decay_starts_when_eve
     options = CoconutConfig(epochs_per_stage=1, epoch_offset=1, steps_per_stage=[2, 3, 1], max_latent_stage=2,
                             reset_optimizer="stage", final_decay="linear")
     schedule = CoconutSchedule(options, seed=1)
-    updates = [schedule.advance(StepContext(step, step // 4, 4, np.arange(4), total_steps=10)) for step in range(8)]
-    stages = [int(u.scalars["coconut_stage"]) for u in updates]
+    updates, stages = [], []
+    for step in range(8):
+        updates.append(schedule.advance(StepContext(step, step // 4, 4, np.arange(4), total_steps=10)))
+        stages.append(schedule.stage)
     assert stages == [1, 1, 2, 2, 2, 3, 4, 5]
+    # Logged as the sequences trained on: past max_latent_stage every stage trains on the same.
+    assert [int(u.scalars["coconut_stage"]) for u in updates] == [1, 1, 2, 2, 2, 3, 3, 3]
     assert [step for step, u in enumerate(updates) if u.reset_optimizer] == [2, 5, 6, 7]   # at each stage change
     assert [u.lr_scale for u in updates] == pytest.approx([1] * 5 + [1, 0.8, 0.6])
     resumed = CoconutSchedule(options, seed=1)

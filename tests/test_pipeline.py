@@ -99,7 +99,7 @@ def test_demo_runs_a_shortened_multiplication_pipeline_and_skips_completed_stage
     assert "teacher: " in first.stderr and "no_cot: " not in first.stderr
     stage_lines = {line.split(" | ")[0][2:]: line for line in (out / "run/results.md").read_text().splitlines()
                    if line.startswith("| ")}
-    assert "beside the other stages" in stage_lines["no_cot"] and "beside" not in stage_lines["teacher"]
+    assert "(beside the other stages, 3 threads)" in stage_lines["no_cot"] and "beside" not in stage_lines["teacher"]
     second = icot(*args, cwd=tmp_path)
     assert second.stdout.count("already complete, skipped") == len(STAGES)
     # Skipped stages report the wall time their manifests recorded.

@@ -64,7 +64,9 @@ class CoconutSchedule:
         if self.ended_at is None and stage > self.options.max_latent_stage:
             self.ended_at = context.step
         lr_scale = final_decay_factor(self.options.final_decay, context.step, self.ended_at, context.total_steps)
-        return StepUpdate({"coconut_stage": float(stage)}, reset_optimizer=reset, lr_scale=lr_scale)
+        # Logged as the sequences it trains on: every stage past max_latent_stage trains on the same.
+        logged = min(stage, self.options.max_latent_stage + 1)
+        return StepUpdate({"coconut_stage": float(logged)}, reset_optimizer=reset, lr_scale=lr_scale)
 
     def example_stage(self, feature: dict) -> int:
         """The stage one example trains at: the scheduled one, or the uniform draw (training examples

@@ -128,10 +128,12 @@ class RemovalSchedule:
             else:
                 all_removed = True   # the reference's test, see the module docstring
         self.all_removed_before = all_removed
-        if self.ended_at is None and self.scheduled >= int(cot_lengths.max(initial=0)):
+        longest = int(cot_lengths.max(initial=0))
+        if self.ended_at is None and self.scheduled >= longest:
             self.ended_at = context.step
         lr_scale = final_decay_factor(options.final_decay, context.step, self.ended_at, context.total_steps)
-        scalars = {"removed_tokens": float(self.scheduled), "cot_removed_everywhere": float(all_removed)}
+        # Logged as what it removes: the count goes on past the longest CoT (the reference's), the removal not.
+        scalars = {"removed_tokens": float(min(self.scheduled, longest)), "cot_removed_everywhere": float(all_removed)}
         return StepUpdate(scalars, reset_optimizer=reset, lr_scale=lr_scale), removals
 
     def offset(self, step: int, index: int) -> int:
