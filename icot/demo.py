@@ -1,8 +1,10 @@
 """`icot demo [--method M]`: the pipeline on a method's built-in CPU recipe (`Method.demo`, in
 icot/recipes/) with generated multiplication data and a word-level tokenizer built on it; nothing is
 downloaded. `--method all` runs every method with a demo on one task from one recipe (`demo_all.yaml`:
-the shared teacher and no-CoT baseline once) and adds `icot compare`'s table and plot. The recipe's `demo:` section says what data to generate; where it names an official test
-file (`official_test`, e.g. the BIG-bench 4x4 set) and the reference data folder holds it, the run is
+the shared teacher and no-CoT baseline once) and adds `icot compare`'s table and plot.
+
+The recipe's `demo:` section says what data to generate; where it names an official test file
+(`official_test`, e.g. the BIG-bench 4x4 set) and the reference data folder holds it, the run is
 evaluated on it and the generated splits share no pair with it; elsewhere a generated test split stands
 in, and the run says so. What the recipes' settings come from: docs/DEMO.md."""
 

@@ -129,7 +129,8 @@ def scalar_curve(stage_folder: Path, tag: str = "valid/accuracy") -> list[tuple[
 
 
 def curriculum_changes(stage_folder: Path, stage: str) -> list[tuple[int, float]]:
-    """(step, new level) wherever the stage's curriculum moved on (a stepwise removal, a Coconut stage)."""
+    """(step, new level) wherever the stage's curriculum moved on (a stepwise removal, a Coconut stage), at
+    the resolution of its logged steps (train.log_every)."""
     scalar = registry.get_stage(stage).load().curriculum_scalar
     if scalar is None:
         return []

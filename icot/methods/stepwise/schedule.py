@@ -108,7 +108,8 @@ class RemovalSchedule:
                 self.scheduled = math.inf
         before = self.scheduled
         period = self.period(context.steps_per_epoch)
-        if self.counter == period or period == 0 or (self.recovered() and not math.isinf(self.scheduled)):
+        recovered = self.recovered() and context.epoch >= options.pretrain_epochs and not math.isinf(self.scheduled)
+        if self.counter == period or period == 0 or recovered:
             self.scheduled += 1                          # train.py:257-259
             self.counter = 0
             self.recent_losses = []
