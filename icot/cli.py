@@ -154,8 +154,9 @@ def main(argv: list[str] | None = None) -> None:
         if as_program:
             end_after_process_group()
     except UserError as err:
-        print(f"icot: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        code = getattr(err, "exit_code", 2)   # a signal that stopped the stages (StagesStopped): 128 + it
+        print(f"icot: {'error' if code == 2 else 'stopped'}: {err}", file=sys.stderr)
+        sys.exit(code)
     except KeyboardInterrupt:   # a stage interrupted by Ctrl-C checkpoints and exits 0 by itself
         print("icot: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -84,6 +84,7 @@ def summarize(results: dict, methods: list[str]) -> dict:
                 "train_seconds": sum(seconds[s.name] for s in own) if method not in shared else seconds[spec.name],
                 "stages": [s.name for s in own] if method not in shared else [spec.name],
                 "reads_seconds": {name: seconds[name] for name in reads if name in seconds},
+                "unfinished": mode.get("unfinished"),
             })
     return {"machine": results["machine"], "test_data": results["test_data"], "rows": rows}
 
@@ -100,6 +101,8 @@ def write_comparison(run_dir: Path, comparison: dict) -> None:
                      f"{row['examples_per_s_batch1']:.1f} | {row['examples_per_s_batched']:.1f} (batch "
                      f"{row['batch_size']}) | {format_seconds(row['train_seconds'])} ({', '.join(row['stages'])})"
                      f"{beside} |")
+    notes = [f"{row['title']}: {row['unfinished']}." for row in comparison["rows"] if row.get("unfinished")]
+    lines += ["", *notes] if notes else []
     lines.append("")
     (run_dir / "compare.md").write_text("\n".join(lines))
     plot_comparison(run_dir, comparison)

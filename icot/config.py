@@ -24,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
+import os
 import typing
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
@@ -36,11 +38,16 @@ from icot.errors import UserError
 from icot.exports import LAST, ExportChoice
 
 
-def option(default=MISSING, *, help: str, factory=None, minimum=None, check=None, resumable: bool = False):
+def option(default=MISSING, *, help: str, factory=None, minimum=None, check=None, resumable: bool = False,
+           path: bool = False, infinite: bool = False, above: float | None = None):
     """A config field: its help text, what the loader checks beyond the type (a lower bound, a check
-    function returning a problem or None), and whether a run may resume with another value (`resumable`:
-    it changes neither shapes nor data order, e.g. the learning rate; every other change is refused)."""
-    meta = {"help": help, "minimum": minimum, "check": check, "resumable": resumable}
+    function returning a problem or None), whether a run may resume with another value (`resumable`:
+    it changes neither shapes nor data order, e.g. the learning rate; every other change is refused), and
+    whether it names a local file or folder (`path`: a stage records it absolute, and resume compares it
+    as a path, however it is spelled). A number must be finite (NaN never passes) unless `infinite`, and
+    greater than `above` where given (a strict bound: 0 where zero would mean something else)."""
+    meta = {"help": help, "minimum": minimum, "check": check, "resumable": resumable, "path": path,
+            "infinite": infinite, "above": above}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -70,7 +77,7 @@ def _check_activation(value: str | None) -> str | None:
 
 @dataclass
 class ModelConfig:
-    name_or_path: Optional[str] = option(None, help="a local Hugging Face model folder (pretrained weights); "
+    name_or_path: Optional[str] = option(None, path=True, help="a local Hugging Face model folder (pretrained weights); "
                                                     "null builds model.family from scratch")
     family: Literal["gpt2", "llama", "mistral", "qwen2"] = option(
         "gpt2", help="the architecture built from scratch when model.name_or_path is null")
@@ -89,17 +96,17 @@ class ModelConfig:
              "on a CPU")
     dropout: float = option(0.0, minimum=0.0, resumable=True,
                             help="dropout probability; stages that train with dropout off (all but the teacher) ignore it")
-    tokenizer: Optional[str] = option(None, help="a local tokenizer folder; null: model.name_or_path, else the "
+    tokenizer: Optional[str] = option(None, path=True, help="a local tokenizer folder; null: model.name_or_path, else the "
                                                  "export of the first stage this one reads")
     gradient_checkpointing: bool = option(False, resumable=True, help="activation checkpointing over the decoder blocks")
 
 
 @dataclass
 class DataConfig:
-    train: Optional[str] = option(None, help="training file of INPUT||COT #### ANSWER lines")
-    valid: Optional[str] = option(None, resumable=True, help="validation file (loss, token accuracy and decoded "
+    train: Optional[str] = option(None, path=True, help="training file of INPUT||COT #### ANSWER lines")
+    valid: Optional[str] = option(None, resumable=True, path=True, help="validation file (loss, token accuracy and decoded "
                                                              "accuracy during training); null: no validation")
-    test: Optional[str] = option(None, resumable=True, help="test file, evaluated by icot pipeline after the stages")
+    test: Optional[str] = option(None, resumable=True, path=True, help="test file, evaluated by icot pipeline after the stages")
     max_train_examples: Optional[int] = option(None, minimum=0, help="use the first N training lines only")
     max_eval_examples: Optional[int] = option(None, minimum=0, resumable=True,
                                               help="use the first N validation lines only")
@@ -118,7 +125,7 @@ class DataConfig:
     skip_bad_lines: bool = option(False, help="skip malformed lines and lines with words the tokenizer does not "
                                               "know (counted in a warning) instead of stopping at the first with "
                                               "file:line")
-    cache_dir: Optional[str] = option(None, resumable=True, help="folder for the tokenized-data cache; null: "
+    cache_dir: Optional[str] = option(None, resumable=True, path=True, help="folder for the tokenized-data cache; null: "
                                                                  "beside the dataset's own cache files")
 
 
@@ -171,7 +178,7 @@ class TrainConfig:
                                                   "<stage>/exports/step<N>; 0: off")
     resume: str = option("auto", resumable=True, help="auto: from the newest complete checkpoint in <stage>/ckpt; never: from "
                                       "step 0; or a checkpoint folder")
-    ds_config: Optional[str] = option(None, resumable=True, help="a DeepSpeed JSON file to start from (e.g. ds_configs/*.json); "
+    ds_config: Optional[str] = option(None, resumable=True, path=True, help="a DeepSpeed JSON file to start from (e.g. ds_configs/*.json); "
                                                  "icot fills and checks the keys it owns")
 
 
@@ -193,7 +200,7 @@ class DemoConfig:
 
 @dataclass
 class InputConfig:
-    dir: Optional[str] = option(None, help="read this stage folder instead of the one in run_dir")
+    dir: Optional[str] = option(None, path=True, help="read this stage folder instead of the one in run_dir")
     export: ExportChoice = option(LAST, help="which of its exports: last, best (on validation), 'epoch N' or "
                                              "'step N' (kept with train.export_each_epoch / export_every)")
 
@@ -468,9 +475,16 @@ def _validate_value(value, f: dataclasses.Field, raw: Raw, flag: str) -> None:
     meta = f.metadata
     if value is None:
         return
-    minimum = meta.get("minimum")
-    if minimum is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and value < minimum:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if number and math.isnan(value):
+        raise UserError(f"{raw.where}: {flag}: must be a number, got nan")
+    if number and math.isinf(value) and not meta.get("infinite"):
+        raise UserError(f"{raw.where}: {flag}: must be finite, got {value}")
+    minimum, above = meta.get("minimum"), meta.get("above")
+    if minimum is not None and number and value < minimum:
         raise UserError(f"{raw.where}: {flag}: must be at least {minimum}, got {value}")
+    if above is not None and number and value <= above:
+        raise UserError(f"{raw.where}: {flag}: must be greater than {above}, got {value}")
     if meta.get("check") is not None:
         problem = meta["check"](value)
         if problem:
@@ -691,7 +705,7 @@ def load_methods(recipe_path: str | None = None, overrides: list[str] | None = N
     chosen = None
     for tree in _layers(recipe_path, overrides)[0]:
         chosen = _parse_methods(tree.get("methods")) or chosen
-    return chosen or [m.name for m in registry.methods() if m.default]
+    return list(dict.fromkeys(chosen)) if chosen else [m.name for m in registry.methods() if m.default]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -758,6 +772,39 @@ _Dumper.add_representer(str, _represent_str)
 
 def dump_config(config) -> str:
     return yaml.dump(config_to_dict(config), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+
+
+def path_keys(cls, prefix: str = "") -> set[str]:
+    """Dotted keys of the fields that name a local file or folder (`option(path=True)`)."""
+    keys = set()
+    for name, (f, tp) in _fields(cls).items():
+        if dataclasses.is_dataclass(tp):
+            keys |= path_keys(tp, f"{prefix}{name}.")
+        elif f.metadata.get("path"):
+            keys.add(prefix + name)
+    return keys
+
+
+def resolved_path(value: str | None) -> str | None:
+    """A local path made absolute (from the current folder) and normalised; anything else as it is (a hub
+    name in model.name_or_path)."""
+    if value is None or not os.path.exists(os.path.expanduser(value)):
+        return value
+    return os.path.realpath(os.path.expanduser(value))
+
+
+def with_absolute_paths(config):
+    """`config` (a section or a whole stage config) with every local path it names made absolute: what a
+    stage records, so that a job started from another folder, or the same folder spelled otherwise, resumes
+    it (`icot.resume.config_changes` compares paths as paths)."""
+    changes = {}
+    for name, (f, tp) in _fields(type(config)).items():
+        value = getattr(config, name)
+        if dataclasses.is_dataclass(tp):
+            changes[name] = with_absolute_paths(value)
+        elif f.metadata.get("path"):
+            changes[name] = resolved_path(value)
+    return dataclasses.replace(config, **changes)
 
 
 def save_resolved(config: StageConfig, path: str | Path) -> None:

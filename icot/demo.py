@@ -20,6 +20,7 @@ from icot import registry
 from icot.compare import compare_run
 from icot.config import DemoConfig, load_demo, load_methods
 from icot.errors import UserError
+from icot.files import writable_folder
 from icot.pipeline import run_pipeline
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
@@ -58,6 +59,7 @@ def demo_cli(overrides: list[str]) -> None:
     data = load_demo(recipe, {f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)
                               if getattr(args, f.name) is not None})
     out = Path(args.out or Path("runs") / Path(recipe).stem)
+    writable_folder(out, "--out")   # before the data generation, not in its traceback
     run_demo(out, recipe, data, rest, eval_max_examples=args.eval_max_examples,
              parallel_baseline=args.parallel_baseline, reference_data=args.reference_data)
     if every:

@@ -50,6 +50,7 @@ from icot import registry
 from icot.data.collate import IGNORE_INDEX, rank_batches, view_ids
 from icot.data.reader import ANSWER_MARKER, normalize_answer
 from icot.errors import UserError
+from icot.files import check_output_file
 
 MAX_NEW_TOKENS_MARGIN = 4
 DEFAULT_BATCH_SIZE = 32
@@ -111,6 +112,28 @@ class ModeModel(ABC):
     def decoder(self) -> torch.nn.Module:
         """The decoder that generates (its positions bound the generated length)."""
         return self.model
+
+    @property
+    def added_positions(self) -> int:
+        """Positions the mode adds to every prompt before it decodes (continuous thoughts and their
+        markers): they count against the decoder's positions beside the prompt and the new tokens."""
+        return 0
+
+    @property
+    def curriculum(self) -> dict | None:
+        """What the export records of its curriculum (`final`: whether it ended; `at`: where it stopped),
+        None where it has none."""
+        from icot.models.io import read_description
+
+        return read_description(self.folder).get("curriculum") if self.folder is not None else None
+
+    @property
+    def unfinished(self) -> str | None:
+        """A note where the export stopped before its curriculum's end (it still writes part of its CoT)."""
+        curriculum = self.curriculum or {}
+        if curriculum.get("final", True):
+            return None
+        return f"the export is at {curriculum.get('at')}, before its curriculum's end: it still writes part of its CoT"
 
     @classmethod
     @abstractmethod
@@ -175,11 +198,34 @@ def resolve_mode_folder(mode: str, path: str | os.PathLike) -> Path:
     candidates = (path / stage.name / "export", path / "export", path)
     for folder in candidates:
         if cls.holds(folder):
+            check_export_stage(mode, stage.name, folder)
             return folder
     if not path.exists():
         raise UserError(f"{path}: no such folder")
     raise UserError(f"{path}: no {mode} model: looked in {candidates[0]} (a run folder), {candidates[1]} "
                     f"(a stage folder) and {path}; train the {stage.name} stage first")
+
+
+def check_export_stage(mode: str, stage: str, folder: Path) -> None:
+    """An icot export records the stage that wrote it: another stage's export (a CODI or Coconut decoder
+    under `--mode stepwise`) would be decoded by the wrong rules and reported under the wrong name."""
+    from icot.models.io import read_description
+
+    description = read_description(folder)
+    recorded = description.get("stage")
+    # Another kind of component (a student where a decoder is expected) is the loader's error to give.
+    if recorded is not None and recorded != stage and description.get("kind") == "decoder":
+        raise UserError(f"{folder}: an export of the {recorded!r} stage, not of {stage!r}: mode {mode!r} evaluates "
+                        f"{stage!r} exports (the mode of {recorded!r} is "
+                        f"{stage_mode_name(recorded) or 'none'})")
+
+
+def stage_mode_name(stage: str) -> str | None:
+    try:
+        spec = registry.get_stage(stage)
+    except UserError:   # a stage this installation does not know
+        return None
+    return spec.mode.name if spec.mode is not None else None
 
 
 def load_mode_model(mode: str, folder: str | os.PathLike, device: torch.device | str = "cpu") -> ModeModel:
@@ -209,17 +255,19 @@ def load_eval_set(data_path: str | os.PathLike, tokenizer, max_examples: int | N
     return tokenize_dataset(examples, tokenizer, on_unknown="error", source=str(data_path)).to_list()
 
 
-def check_fits(features: Sequence[dict], model: torch.nn.Module, view: str, source) -> None:
-    """Every example's `view` must fit the model's positions (the teacher-forced pass reads all of it)."""
+def check_fits(features: Sequence[dict], mode_model: ModeModel, source) -> None:
+    """Every example's view, with what the mode adds to the prompt, must fit the model's positions (the
+    teacher-forced pass reads all of it)."""
     from icot.data.reader import DataFormatError
     from icot.models.decoder import position_limit
 
-    limit = position_limit(model)
+    limit, view, added = position_limit(mode_model.decoder), mode_model.view, mode_model.added_positions
     for feature in features:
-        length = len(view_ids(feature, view))
+        length = len(view_ids(feature, view)) + added
         if limit is not None and length > limit:
-            raise DataFormatError(source, feature.get("line"), f"the {view} view has {length} tokens, more than "
-                                                               f"the model's {limit} positions")
+            what = f"the {view} view" + (f" with the mode's {added} added positions" if added else "")
+            raise DataFormatError(source, feature.get("line"), f"{what} has {length} tokens, more than the model's "
+                                                               f"{limit} positions")
 
 
 def continuation_length(feature: dict, view: str) -> int:
@@ -232,18 +280,21 @@ def default_max_new_tokens(features: Sequence[dict], view: str) -> int:
     return max(continuation_length(f, view) for f in features) + MAX_NEW_TOKENS_MARGIN
 
 
-def fit_positions(decoder: torch.nn.Module, features: Sequence[dict], max_new_tokens: int, given: bool) -> int:
-    """`max_new_tokens`, lowered to what the model's positions leave after the longest prompt when it was
-    derived from the data; a value given by the user that does not fit is an error."""
+def fit_positions(decoder: torch.nn.Module, features: Sequence[dict], max_new_tokens: int, given: bool,
+                  added: int = 0) -> int:
+    """`max_new_tokens`, lowered to what the model's positions leave after the longest prompt (with the
+    mode's `added` positions: thoughts, a position shift) when it was derived from the data; a value given
+    by the user that does not fit is an error."""
     from icot.models.decoder import position_limit
 
     limit = position_limit(decoder)
-    longest = max(int(f["prompt_len"]) for f in features)
+    longest = max(int(f["prompt_len"]) for f in features) + added
     if limit is None or longest + max_new_tokens <= limit:
         return max_new_tokens
     if given or longest >= limit:
-        raise UserError(f"the longest prompt ({longest} tokens) plus max_new_tokens={max_new_tokens} exceeds "
-                        f"the model's {limit} positions; lower --max_new_tokens or leave out the longest examples")
+        prompt = f"the longest prompt with the mode's {added} added positions" if added else "the longest prompt"
+        raise UserError(f"{prompt} ({longest} tokens) plus max_new_tokens={max_new_tokens} exceeds the model's "
+                        f"{limit} positions; lower --max_new_tokens or leave out the longest examples")
     return limit - longest
 
 
@@ -352,12 +403,13 @@ def evaluate_loaded(mode_model: ModeModel, features: Sequence[dict],
     if not sizes or sizes[0] < 1:
         raise UserError(f"batch sizes must be at least 1, got {list(batch_sizes)}")
     given = max_new_tokens is not None
-    if max_new_tokens is None:
-        max_new_tokens = default_max_new_tokens(features, mode_model.view)
+    unfinished = mode_model.unfinished
+    if max_new_tokens is None:   # an export before its curriculum's end writes CoT: room for all of it
+        max_new_tokens = default_max_new_tokens(features, "cot" if unfinished else mode_model.view)
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     wanted = max_new_tokens
-    max_new_tokens = fit_positions(mode_model.decoder, features, max_new_tokens, given)
+    max_new_tokens = fit_positions(mode_model.decoder, features, max_new_tokens, given, mode_model.added_positions)
 
     passes = {size: decode_pass(mode_model, features, size, max_new_tokens, ranks, device, warmup) for size in sizes}
     batched = sizes[-1]
@@ -403,8 +455,10 @@ def evaluate_loaded(mode_model: ModeModel, features: Sequence[dict],
         "examples_per_s_by_batch_size": {str(size): examples / seconds[size] for size in sizes},
         "max_new_tokens": max_new_tokens,
         "max_new_tokens_from": "argument" if given else (
+            f"data (longest with-CoT reference + {MAX_NEW_TOKENS_MARGIN})" if unfinished else
             f"data (longest reference + {MAX_NEW_TOKENS_MARGIN})" if wanted == max_new_tokens else
             f"data (longest reference + {MAX_NEW_TOKENS_MARGIN} = {wanted}, lowered to fit the model's positions)"),
+        "unfinished": unfinished,
         "world_size": ranks.world_size,
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
@@ -441,7 +495,7 @@ def evaluate_mode(mode: str, folder_or_run: str | os.PathLike, data_path: str | 
     device = _default_device(strategy)
     mode_model = load_mode_model(mode, folder_or_run, device)
     features = load_eval_set(data_path, mode_model.tokenizer, max_examples)
-    check_fits(features, mode_model.model, mode_model.view, data_path)
+    check_fits(features, mode_model, data_path)
     result = evaluate_loaded(mode_model, features, batch_sizes, strategy, max_new_tokens=max_new_tokens,
                              warmup=warmup, return_predictions=return_predictions, device=device)
     result["data"] = str(data_path)
@@ -481,23 +535,6 @@ def eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice); on a "
                                                     "busy CPU, 1 is often much faster for small models")
     return parser
-
-
-def check_output_file(path: Path, what: str) -> None:
-    """`path` can be written as a file: not a folder, its folder creatable and writable."""
-    if path.is_dir():
-        raise UserError(f"{what}: {path} is a folder; name a file, e.g. {path / 'eval.json'}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():
-            open(path, "a").close()   # writable, left as it is
-        else:
-            # One probe per process: every rank of a multi-rank eval checks the same --out at once.
-            probe = path.with_name(f".{path.name}.icot-write-test.{os.getpid()}")
-            probe.write_text("")
-            probe.unlink()
-    except OSError as err:
-        raise UserError(f"{what}: cannot write {path} ({err.strerror})") from None
 
 
 def write_tensorboard(folder: str | os.PathLike, result: dict, step: int = 0) -> None:

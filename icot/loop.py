@@ -26,6 +26,7 @@ from icot import checkpoints
 from icot.config import Paths, StageConfig, save_resolved
 from icot.data.collate import examples_at, rank_batches
 from icot.errors import UserError
+from icot.files import writable_folder
 from icot.exports import INTERMEDIATE_FOLDER, intermediate_name, record_export
 from icot.stage import Stage, StepContext
 
@@ -39,19 +40,20 @@ class Progress:
     step: int = 0          # optimizer steps done
     examples: int = 0      # training examples consumed (all ranks)
     tokens: int = 0        # non-padding tokens consumed (all ranks)
+    seconds: float = 0.0   # the loop's wall time (steps, validations, checkpoints), over every process it ran in
 
 
 class StopRequest:
-    """SIGTERM / SIGUSR1 (SLURM preemption) and Ctrl-C (SIGINT) ask for a checkpoint and a clean exit at
-    the next step; a second Ctrl-C aborts at once. Installed before the slow set-up (data, engines,
-    resume), so an early signal is not lost."""
+    """SIGTERM / SIGUSR1 (SLURM preemption), SIGHUP (a closed terminal) and Ctrl-C (SIGINT) ask for a
+    checkpoint and a clean exit at the next step; a second Ctrl-C aborts at once. Installed before the slow
+    set-up (data, engines, resume), so an early signal is not lost."""
 
     def __init__(self):
         self.requested = False
         self.previous = {}
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGINT):
             self.previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -124,6 +126,7 @@ class Trainer:
         self.micro = strategy.micro_batch_size
         self.accumulation = strategy.gradient_accumulation
         self.progress = Progress()
+        self.clock: tuple[float, float] | None = None   # set when the loop starts (see `train`)
         self.config_changes: list[dict] = []   # settings a resumed run changed, step by step (the manifest's)
         self.saved_step: int | None = None      # the step of this run's newest checkpoint
         self.best_score: float | None = None    # the best validation so far (train.export_best)
@@ -142,7 +145,7 @@ class Trainer:
         if self.strategy.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
-            writable(self.paths.tb, "the TensorBoard folder")
+            writable_folder(self.paths.tb, "the TensorBoard folder")
             # One writer, fixed folder; purge_step drops events an interrupted run wrote past its checkpoint
             # (all of them when this run starts from step 0).
             self.writer = SummaryWriter(str(self.paths.tb), purge_step=self.progress.step + 1)
@@ -182,6 +185,7 @@ class Trainer:
         bar = tqdm(total=self.steps, initial=self.progress.step, desc=self.stage.name, dynamic_ncols=True,
                    disable=not self.strategy.is_main or os.environ.get("ICOT_PROGRESS_BAR") == "0")
         window_start, window_tokens = time.perf_counter(), 0
+        self.clock = (time.perf_counter(), self.progress.seconds)   # this process's start, the earlier ones' time
         # The bar is closed on every way out, so that an error message starts on a line of its own.
         with bar:
             while self.progress.step < self.steps:
@@ -210,7 +214,8 @@ class Trainer:
                     if not saved:
                         self.save_checkpoint()
                     bar.close()
-                    self.log(f"stop requested: checkpoint written at step {step}, exiting")
+                    self.log(f"stop requested: checkpoint written at step {step} after "
+                             f"{self.progress.seconds:.1f} s of training, exiting")
                     return "preempted"
         final = self.validate(self.progress.step)
         if final is not None:
@@ -325,6 +330,9 @@ class Trainer:
         that makes it count (icot.checkpoints); keeps the newest train.keep_last by step."""
         step = self.progress.step
         folder, tag = self.paths.ckpt, checkpoints.tag_of(step)
+        if self.clock is not None:
+            started, before = self.clock
+            self.progress.seconds = before + time.perf_counter() - started
         stage_state = self.stage.state_dict()
         self.check_same_on_every_rank(stage_state)
         client_state = {"progress": asdict(self.progress), "stage": stage_state, "config_changes": self.config_changes,
@@ -414,14 +422,3 @@ class Trainer:
         if self.writer is not None:
             self.writer.close()
 
-
-def writable(folder: Path, what: str) -> None:
-    """Create `folder` and check that a file can be written in it: a one-line error otherwise, before the
-    work that would be lost."""
-    probe = folder / ".icot-write-test"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f"{what}: cannot write {folder} ({err.strerror})") from None

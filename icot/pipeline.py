@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -19,8 +20,8 @@ from pathlib import Path
 
 from icot import registry
 from icot.config import Paths, load_methods, load_stage_config
-from icot.errors import UserError
-from icot.report import StageRun, completed_stage, evaluate_all, format_seconds, write_results
+from icot.errors import StagesStopped, UserError
+from icot.report import StageRun, completed_stage, evaluate_all, format_seconds, recorded_seconds, write_results
 from icot.stage import DONE_MARKER
 
 EVAL_STEP = "eval"
@@ -115,75 +116,114 @@ def run_stages(recipe: str | None, overrides: list[str], stages: list[str],
     # The estimate covers the stages in sequence; one running beside them is announced on its own.
     progress = Progress([run for run in runs if run.name not in beside])
     environment = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // 2))) if beside else None
-    background: list[tuple[StageRun, subprocess.Popen, float]] = []
+    background: list[tuple[StageRun, subprocess.Popen]] = []
     done_in_sequence = 0
     # Stages beside the sequence start first, so they overlap all of it, the teacher included.
     order = sorted(range(len(runs)), key=lambda i: runs[i].name not in beside)
-    for index in order:
-        run, config = runs[index], configs[index]
-        label = f"stage {index + 1}/{len(runs)} {run.name}"
-        if (Paths.of(config).root / DONE_MARKER).exists():
-            run.skipped, run.seconds = True, completed_stage(Paths.of(config).root).seconds
-            done_in_sequence += run.name not in beside
-            progress.announce(done_in_sequence, f"{label}: already complete, skipped")
-            continue
-        command = [sys.executable, "-m", "icot", "train", run.name, *(["--config", recipe] if recipe else []),
-                   *overrides]
-        if run.name in beside:
-            run.beside = True
-            progress.announce(done_in_sequence, f"{label}: {run.steps} steps, beside the other stages")
-            quiet = dict(environment, ICOT_PROGRESS_BAR="0")   # its validation lines still show
-            background.append((run, subprocess.Popen(command, env=quiet), time.time()))
-            continue
-        progress.announce(done_in_sequence, f"{label}: {run.steps} steps")
-        started = time.time()
-        try:
-            returncode = run_child(command, environment, run.name)
-            run.seconds = time.time() - started
-            _check_stage_ended(run, config, returncode)
-        except BaseException:   # a failed stage or Ctrl-C: the stages beside it stop too
-            _stop(background)
-            raise
-        done_in_sequence += 1
-    for run, process, started in background:
-        # No estimate: its own validation lines show how far it is.
-        progress.announce(done_in_sequence, f"waiting for {run.name}, which runs beside the others", estimate=False)
-        returncode = process.wait()
-        run.seconds = time.time() - started
-        _check_stage_ended(run, configs[runs.index(run)], returncode)
+    with StageSignals() as signals:
+        for index in order:
+            run, config = runs[index], configs[index]
+            label = f"stage {index + 1}/{len(runs)} {run.name}"
+            if (Paths.of(config).root / DONE_MARKER).exists():
+                run.skipped, run.seconds = True, completed_stage(Paths.of(config).root).seconds
+                done_in_sequence += run.name not in beside
+                progress.announce(done_in_sequence, f"{label}: already complete, skipped")
+                continue
+            command = [sys.executable, "-m", "icot", "train", run.name, *(["--config", recipe] if recipe else []),
+                       *overrides]
+            if run.name in beside:
+                run.beside = True
+                progress.announce(done_in_sequence, f"{label}: {run.steps} steps, beside the other stages")
+                quiet = dict(environment, ICOT_PROGRESS_BAR="0")   # its validation lines still show
+                background.append((run, signals.start(command, quiet)))
+                continue
+            progress.announce(done_in_sequence, f"{label}: {run.steps} steps")
+            try:
+                returncode = signals.start(command, environment).wait()
+                signals.check()
+                _check_stage_ended(run, config, returncode)
+            except BaseException:   # a failed or stopped stage: the stages beside it stop too
+                _stop(background)
+                raise
+            done_in_sequence += 1
+        for run, process in background:
+            # No estimate: its own validation lines show how far it is.
+            progress.announce(done_in_sequence, f"waiting for {run.name}, which runs beside the others",
+                              estimate=False)
+            returncode = process.wait()
+            signals.check()
+            _check_stage_ended(run, configs[runs.index(run)], returncode)
     progress.announce(done_in_sequence, "all stages complete")
     return runs
 
 
-def run_child(command: list[str], environment: dict | None, name: str) -> int:
-    """Run one stage process to its end. On Ctrl-C (which reaches the stage too: it checkpoints at its next
-    step) wait for it to exit instead of killing it, as `subprocess.run` would, then stop the pipeline."""
-    process = subprocess.Popen(command, env=environment)
-    try:
-        return process.wait()
-    except KeyboardInterrupt:
-        print(f"\n[icot pipeline] Ctrl-C: waiting for {name} to checkpoint and exit (Ctrl-C again aborts it)",
+class StageSignals:
+    """While stages run, SIGTERM, SIGHUP and SIGINT to the pipeline (a container stop, `kill PID`, a closed
+    ssh session, Ctrl-C) go on to every running stage process as SIGTERM: each checkpoints at its next step
+    and exits, and the pipeline, having waited for them, stops (`StagesStopped`); a rerun resumes them.
+    Without this a signal to the parent alone would orphan the stage, which trained on unattended. SIGTERM,
+    not the signal itself: a terminal's Ctrl-C reaches the stage too, and a second SIGINT aborts it; a
+    second Ctrl-C to the pipeline kills the stages."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+    def __init__(self):
+        self.processes: list[subprocess.Popen] = []
+        self.received: int | None = None
+        self.previous: dict = {}
+
+    def __enter__(self) -> "StageSignals":
+        for number in self.SIGNALS:
+            self.previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+    def start(self, command: list[str], environment: dict | None) -> subprocess.Popen:
+        """A stage process, unless a signal has come (then `StagesStopped`)."""
+        self.check()
+        process = subprocess.Popen(command, env=environment)
+        self.processes.append(process)
+        return process
+
+    def check(self) -> None:
+        if self.received is not None:
+            raise StagesStopped(self.received)
+
+    def _handle(self, number, frame) -> None:
+        again = number == signal.SIGINT and self.received == signal.SIGINT
+        self.received = number
+        running = [process for process in self.processes if process.poll() is None]
+        print(f"\n[icot pipeline] {signal.Signals(number).name}: "
+              + ("killing the stages" if again else "the running stages checkpoint and exit; waiting for them"),
               file=sys.stderr, flush=True)
-        try:
-            process.wait()
-        except KeyboardInterrupt:
-            process.kill()
-        raise
+        for process in running:
+            if again:
+                process.kill()
+            else:
+                process.send_signal(signal.SIGTERM)
 
 
-def _stop(background: list[tuple[StageRun, subprocess.Popen, float]]) -> None:
+def _stop(background: list[tuple[StageRun, subprocess.Popen]]) -> None:
     """End the stages running beside a failed one; they saved checkpoints and resume on the next run."""
-    for _, process, _ in background:
+    for _, process in background:
         if process.poll() is None:
             process.terminate()
-            process.wait()
+        process.wait()
 
 
 def _check_stage_ended(run: StageRun, config, returncode: int) -> None:
+    if returncode == 2:   # a UserError: bad input, which a rerun alone would meet again
+        raise UserError(f"stage {run.name} stopped on the error above; fix it and rerun the same command (completed "
+                        f"stages are skipped)")
     if returncode != 0:
         raise UserError(f"stage {run.name} failed (exit code {returncode}); rerun the same command to resume it")
     if not (Paths.of(config).root / DONE_MARKER).exists():
         raise UserError(f"stage {run.name} stopped before the end (preempted?); rerun to resume")
+    # One clock for every stage, run now or earlier: the loop's time its manifest records.
+    run.seconds = recorded_seconds(Paths.of(config).root)
 
 
 def pipeline_parser(prog: str = "icot pipeline") -> argparse.ArgumentParser:
@@ -214,6 +254,28 @@ def pipeline_cli(overrides: list[str]) -> None:
                  eval_max_examples=args.eval_max_examples, parallel_baseline=args.parallel_baseline)
 
 
+def check_before_training(config, recipe: str | None, overrides: list[str], stages: list[str], evaluates: bool,
+                          eval_batch_size: int, eval_max_examples: int | None) -> None:
+    """What would stop the run after its stages have trained, checked before the first: every stage's config
+    and set-up checks (`icot.preflight`; completed stages are skipped), the run folder, the evaluation's
+    arguments and test file."""
+    from icot.files import writable_folder
+    from icot.preflight import check_stages
+
+    configs = [load_stage_config(name, recipe, overrides) for name in stages]
+    writable_folder(Path(config.run_dir), "run_dir")
+    if evaluates:
+        if eval_batch_size < 1:
+            raise UserError(f"--eval_batch_size: must be at least 1, got {eval_batch_size}")
+        if eval_max_examples is not None and eval_max_examples < 1:
+            raise UserError(f"--eval_max_examples: must be at least 1, got {eval_max_examples}")
+        if config.data.test is None:
+            raise UserError("data.test: the pipeline evaluates on the test split; name a file")
+        if not Path(config.data.test).is_file():
+            raise UserError(f"data.test: no such file {config.data.test}")
+    check_stages([c for c in configs if not (Paths.of(c).root / DONE_MARKER).exists()])
+
+
 def run_pipeline(recipe: str | None, overrides: list[str], only: str | None = None, eval_batch_size: int = 32,
                  eval_max_examples: int | None = None, parallel_baseline: bool = False) -> dict:
     started = time.time()
@@ -225,11 +287,11 @@ def run_pipeline(recipe: str | None, overrides: list[str], only: str | None = No
         raise UserError(f"--only: unknown step(s) {', '.join(unknown)}; choose from {', '.join(steps)}")
     config = load_stage_config(plan[0], recipe, overrides)   # validates the recipe before anything runs
     run_dir = Path(config.run_dir)
+    check_before_training(config, recipe, overrides, [s for s in plan if s in wanted], EVAL_STEP in wanted,
+                          eval_batch_size, eval_max_examples)
     stages = run_stages(recipe, overrides, [s for s in plan if s in wanted], parallel_baseline)
     if EVAL_STEP not in wanted:
         return {}
-    if config.data.test is None:
-        raise UserError("data.test: the pipeline evaluates on the test split; name a file")
     modes = [spec.mode.name for spec in map(registry.get_stage, plan) if spec.mode is not None]
     evaluation = evaluate_all(run_dir, modes, config.data.test, eval_batch_size, eval_max_examples)
     all_stages = stages if len(stages) == len(plan) else [completed_stage(run_dir / s) for s in plan]

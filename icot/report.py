@@ -33,8 +33,21 @@ def completed_stage(folder: Path) -> StageRun:
         manifest = json.loads((folder / "manifest.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         manifest = {}
-    return StageRun(folder.name, int(manifest.get("steps", 0)), seconds=float(manifest.get("wall_seconds", 0.0)),
-                    skipped=True)
+    return StageRun(folder.name, int(manifest.get("steps", 0)), seconds=stage_seconds(manifest), skipped=True)
+
+
+def stage_seconds(manifest: dict) -> float:
+    """The stage's training time as its manifest records it: the loop's, summed over every process it ran
+    in (`train_seconds`; older manifests: the last process's `wall_seconds`)."""
+    return float(manifest.get("train_seconds", manifest.get("wall_seconds", 0.0)))
+
+
+def recorded_seconds(folder: Path) -> float:
+    """`stage_seconds` of a completed stage folder (0 where it has no manifest)."""
+    try:
+        return stage_seconds(json.loads((folder / "manifest.json").read_text()))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0.0
 
 
 def evaluate_all(run_dir: Path, modes: list[str], data: str, batch_size: int,
@@ -96,6 +109,7 @@ def write_results(run_dir: Path, stages: list[StageRun], evaluation: dict[str, d
         lines.append(f"| {mode_title(mode)} | {100 * r['accuracy']:.1f}% | {100 * r['token_accuracy']:.1f}% | "
                      f"{r['examples_per_s_batch1']:.1f} | {r['examples_per_s_batched']:.1f} "
                      f"(batch {r['batch_size']}) |")
+    lines += unfinished_notes(evaluation)
     lines += ["", "| stage | steps | wall time |", "|---|---|---|"]
     for s in stages:
         threads = stage_threads(run_dir / s.name)
@@ -105,6 +119,12 @@ def write_results(run_dir: Path, stages: list[StageRun], evaluation: dict[str, d
     lines += ["", f"Total wall time of this invocation: {format_seconds(total_seconds)}.", ""]
     (run_dir / "results.md").write_text("\n".join(lines))
     plot_results(run_dir, stages, evaluation)
+
+
+def unfinished_notes(evaluation: dict[str, dict]) -> list[str]:
+    """A line under the table for every mode whose export stopped before its curriculum's end."""
+    notes = [f"{mode_title(mode)}: {r['unfinished']}." for mode, r in evaluation.items() if r.get("unfinished")]
+    return ["", *notes] if notes else []
 
 
 def stage_threads(stage_folder: Path) -> int | None:

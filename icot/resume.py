@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from icot.checkpoints import Checkpoint, inspect, newest, step_of
-from icot.config import Paths, StageConfig, config_to_dict, load_resolved
+from icot.config import Paths, StageConfig, config_to_dict, load_resolved, path_keys, resolved_path
 from icot.errors import UserError
 
 
@@ -101,8 +101,10 @@ def config_changes(previous: StageConfig | None, config: StageConfig, checkpoint
         return {}
     # The run folder is where the checkpoint was found: however it is written, it is not a change.
     old, new = (_flat({k: v for k, v in config_to_dict(c).items() if k != "run_dir"}) for c in (previous, config))
-    allowed = resumable_keys(type(config))
-    changed = {key: (old.get(key), new.get(key)) for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)}
+    allowed, paths = resumable_keys(type(config)), path_keys(type(config))
+    changed = {key: (old.get(key), new.get(key)) for key in sorted(set(old) | set(new))
+               if old.get(key) != new.get(key)
+               and not (key in paths and resolved_path(old.get(key)) == resolved_path(new.get(key)))}
     refused = {key: values for key, values in changed.items() if key not in allowed}
     if refused:
         listed = ", ".join(f"{key} ({old!r} -> {new!r})" for key, (old, new) in refused.items())

@@ -77,6 +77,8 @@ def shifted_lm_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, 
 class Stage(ABC):
     generation_target: str | None = None  # "cot" or "nocot": the view whose continuation validation decodes
     curriculum_scalar: str | None = None  # the step hook's scalar that says how far its curriculum is (plots)
+    row_keys: tuple[str, ...] = ()        # the keys that lengthen its rows beyond its views (`longest_row`)
+    uses_steps = False   # replaces or drops whole CoT steps (data.steps): checked against the data at set-up
 
     def __init__(self, config: StageConfig, strategy, tokenizer):
         self.config = config
@@ -109,6 +111,26 @@ class Stage(ABC):
     def prepare_train_set(self, train_set):
         """Called once the model is built; may precompute what training needs per example."""
         return train_set
+
+    def longest_row(self, feature: dict) -> tuple[int, str]:
+        """(the most tokens of any sequence this stage builds from `feature`, in training or validation and
+        at every point of its curriculum, before decoding adds to it; what that sequence is). By default
+        its views, which `fit_splits` already fits; a stage that adds tokens (thoughts) overrides it and
+        names the keys that add them in `row_keys`."""
+        return max(len(view_ids(feature, view)) for view in self.views), "its longest view"
+
+    def check_decoder(self, decoder: nn.Module) -> None:
+        """Refuse a decoder whose structure the stage's options do not fit (LoRA targets it lacks, positions
+        it cannot shift), with the key: called by `build` and, on a decoder built on the meta device from
+        the config, before a pipeline trains its first stage (`icot.preflight`)."""
+
+    def check_data(self, train_set, valid_set, limit: int | None, log) -> None:
+        """Refuse settings that pass the config's checks but do not fit the tokenized splits (fitted to the
+        model's `limit` positions): the rule that splits steps, the rows the stage builds. Called at the
+        stage's set-up and by `icot.preflight`; `log` prints a line."""
+        if self.uses_steps:
+            check_steps(self.config, train_set, log)
+        check_rows_fit(self, limit, {"train": train_set, "valid": valid_set})
 
     @classmethod
     def roles_read(cls, config: StageConfig) -> tuple[str, ...]:
@@ -285,6 +307,50 @@ def fit_splits(config: StageConfig, limit: int | None, *splits):
     if fitted and fitted[0] is not None and len(fitted[0]) == 0:
         raise UserError(f"{config.data.train}: no example fits the model's {limit} positions")
     return fitted
+
+
+def check_rows_fit(stage: Stage, limit: int | None, splits: dict[str, object]) -> None:
+    """Every sequence `stage` will build from the (fitted) splits, by name, fits the model's `limit`
+    positions: a curriculum whose later stage outgrows them stops here, before the stage folder is
+    written, rather than at that stage (and again at every resume)."""
+    from icot.data.reader import DataFormatError
+
+    if limit is None or not stage.row_keys:
+        return
+    for name, split in splits.items():
+        if split is None:
+            continue
+        for feature in split:
+            length, what = stage.longest_row(feature)
+            if length > limit:
+                raise DataFormatError(getattr(stage.config.data, name), feature.get("line"),
+                                      f"{what} has {length} tokens, more than the model's {limit} positions: "
+                                      f"lower {' or '.join(stage.row_keys)}, or raise model.max_positions")
+
+
+def check_steps(config: StageConfig, train_set, log) -> None:
+    """For a stage that replaces or drops whole CoT steps: `data.steps` must fit the training CoTs (the first
+    thousand lines of a local file are read) and find a step in most examples; the step counts are logged."""
+    from icot.data.reader import iter_examples
+    from icot.data.steps import describe_counts, rule_problem
+    from icot.data.views import list_lengths
+
+    path, rule = config.data.train, config.data.steps
+    if path and Path(path).is_file() and rule != "auto":
+        cots = []
+        for _, example in iter_examples(path, skip_bad=True):
+            cots.append(example.cot)
+            if len(cots) == 1000:
+                break
+        problem = rule_problem(cots, rule)
+        if problem:
+            raise UserError(f"data.steps: {rule} does not fit {path}: {problem}")
+    counts = list_lengths(train_set, "step_starts").tolist()
+    log(f"data.steps {rule}: {describe_counts(counts)}")
+    empty = counts.count(0)
+    if 2 * empty > len(counts):
+        raise UserError(f"{path}: {empty} of {len(counts)} training CoTs have no step under data.steps {rule}: the "
+                        f"stage {config.stage} would replace nothing (are the CoTs empty?)")
 
 
 def fresh_decoder(config: StageConfig, tokenizer, dropout: float, strategy) -> nn.Module:

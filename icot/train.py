@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 
 from icot import registry
-from icot.config import Paths, StageConfig, config_help, load_resolved, load_stage_config, save_resolved
+from icot.config import (Paths, StageConfig, config_help, load_resolved, load_stage_config, save_resolved,
+                         with_absolute_paths)
 from icot.errors import UserError
 from icot.stage import DONE_MARKER, PREEMPTED_MARKER
 
@@ -26,7 +27,7 @@ def run_stage(name: str, overrides: list[str]) -> str:
         print(config_help(spec.name))
         return "help"
     recipe, rest = split_recipe(overrides)
-    config = load_stage_config(spec.name, recipe, rest)
+    config = with_absolute_paths(load_stage_config(spec.name, recipe, rest))
     paths = Paths.of(config)
     if (paths.root / DONE_MARKER).exists():
         print(f"[icot {name}] {paths.root} is already complete; nothing to do")
@@ -67,6 +68,7 @@ def train_stage(cls, config: StageConfig, paths: Paths, stop) -> str:
     seed_everything(config.train.seed)  # the same initial weights in every run and on every rank
     model = stage.build()
     train_set, valid_set = fit_splits(config, position_limit(model), train_set, valid_set)
+    stage.check_data(train_set, valid_set, position_limit(model), strategy.log)
     train_set = stage.prepare_train_set(train_set)
     seed_everything(config.train.seed + strategy.rank)  # dropout: a different stream per rank
 
@@ -153,6 +155,9 @@ def write_manifest(paths: Paths, config: StageConfig, inputs: dict[str, Path], e
         "examples": trainer.progress.examples,
         "tokens": trainer.progress.tokens,
         "wall_seconds": round(seconds, 1),
+        # The training loop's time over every process the stage ran in (a resumed stage's earlier ones
+        # included, its set-up not): what `icot compare` reports as the stage's training time.
+        "train_seconds": round(trainer.progress.seconds, 1),
         "started_at": round(started_at, 1),    # this run's process, set-up included (epoch seconds)
         "finished_at": round(time.time(), 1),
         "world_size": trainer.strategy.world_size,

@@ -366,15 +366,20 @@ def test_a_codi_run_exports_a_merged_model_and_the_adapters_that_answer_alike(ws
     from icot.data.tokenizer_build import load_tokenizer
     from icot.evaluate import load_eval_set, load_mode_model
     from icot.methods.codi.model import PROJECTION_FILE
-    from icot.models.thoughts import grown
-
     merged = AutoModelForCausalLM.from_pretrained(export, local_files_only=True)
     assert type(merged).__name__ == "GPT2LMHeadModel"
     assert not any("lora" in name for name in merged.state_dict())
-    # The adapters alone, on the teacher's weights, with the projection beside them.
+    # The adapters alone, loaded as their README says: the base their config names (the teacher's export,
+    # absolute), grown to the export's rows, whose new rows come with the adapters.
     tokenizer = load_tokenizer(export / "adapter", "the adapter export")
-    base = grown(AutoModelForCausalLM.from_pretrained(ws / "run/teacher/export", local_files_only=True), len(tokenizer))
+    base_path = json.loads((export / "adapter/adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(base_path) == (ws / "run/teacher/export").resolve()
+    rows = merged.get_input_embeddings().weight.shape[0]
+    assert f"base.resize_token_embeddings({rows})" in (export / "adapter/README.md").read_text()
+    base = AutoModelForCausalLM.from_pretrained(base_path, local_files_only=True)
+    base.resize_token_embeddings(rows)
     adapted = PeftModel.from_pretrained(base, export / "adapter")
+    assert torch.equal(adapted.get_input_embeddings().weight, merged.get_input_embeddings().weight)
     from safetensors.torch import load_file
 
     options = CodiConfig(latents=3, projection_dim=48)
@@ -435,6 +440,13 @@ def test_a_llama_from_scratch_with_the_reference_masking(ws):
 
     model = AutoModelForCausalLM.from_pretrained(root / "export", local_files_only=True)
     assert type(model).__name__ == "LlamaForCausalLM"
+    # With the adapter export asked for, a base built from scratch in the run has no folder to load into: the
+    # export says so instead of pointing at nothing.
+    run_train(ws, "codi", ws / "recipe.yaml", *[o for o in overrides if "export_adapter" not in o],
+              "--run_dir=llama-adapter")
+    description = json.loads((ws / "llama-adapter/codi/export/icot_component.json").read_text())
+    assert not (ws / "llama-adapter/codi/export/adapter").exists()
+    assert description["adapter"] is None and "built from scratch" in description["adapter_note"]
     assert json.loads((root / "export/icot_component.json").read_text())["codi"]["reference_masking"] is True
 
 

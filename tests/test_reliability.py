@@ -295,7 +295,8 @@ def test_ctrl_c_in_the_pipeline_lets_the_stage_checkpoint(ws):
         if process.poll() is None:
             process.kill()
     assert process.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
-    assert "waiting for teacher to checkpoint" in stderr and "icot: interrupted" in stderr
+    assert "SIGINT: the running stages checkpoint and exit; waiting for them" in stderr
+    assert "icot: stopped: SIGINT received: the running stages checkpointed" in stderr
     assert (root / "PREEMPTED").exists() and list(root.glob("ckpt/step*/icot_checkpoint.json"))
 
 

@@ -256,17 +256,26 @@ def unknown_word(tokenizer, unknown: int, *texts: str) -> str:
     return tokenizer.unk_token
 
 
+def list_lengths(dataset, column: str):
+    """The length of every row's list in `column` (e.g. `cot_ids`: the with-CoT view's tokens), from the
+    Arrow data without building Python lists; a selection gives the rows it holds."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    lengths = np.asarray(pc.list_value_length(dataset.data.column(column)))
+    if dataset._indices is not None:
+        lengths = lengths[np.asarray(dataset._indices.column(0))]
+    return lengths
+
+
 def fit_to_positions(dataset, limit: int | None, policy: str, source: str):
     """The examples whose with-CoT view fits the model's `limit` positions: the others are dropped (counted
     in a warning) or, with the policy "error", stop the run with `source:line`."""
     import numpy as np
-    import pyarrow.compute as pc
 
     if limit is None or dataset is None or len(dataset) == 0:
         return dataset
-    lengths = np.asarray(pc.list_value_length(dataset.data.column("cot_ids")))
-    if dataset._indices is not None:   # a selection: the lengths of the rows it holds
-        lengths = lengths[np.asarray(dataset._indices.column(0))]
+    lengths = list_lengths(dataset, "cot_ids")
     too_long = lengths > limit
     if not too_long.any():
         return dataset

@@ -167,11 +167,13 @@ def generate_with_thoughts(model, batch: dict[str, torch.Tensor], latent_id: int
     thought passes through the answer. `batch`: left-padded inputs that end with the thoughts and the
     end-of-thought token (`input_ids`, `attention_mask`, `position_ids`, and `later_mask` where the
     passes after the prompt's see another mask: see `thought_forward`, as `feedback`). A row stops after
-    `separators` separators; finished rows are fed the separator until all are done. `suppress`: ids
-    never generated, beside those of the decoder's generation config."""
+    `separators` separators; finished rows are fed the separator until all are done, or until the longest
+    row fills the decoder's positions. `suppress`: ids never generated, beside those of the decoder's
+    generation config."""
     from icot.models.thoughts import thought_forward
 
     positions = batch["position_ids"]
+    max_new_tokens = min(max_new_tokens, room_after(model, positions[:, -1] + 1))
     later = batch.get("later_mask")
     output = thought_forward(model, batch["input_ids"], batch["attention_mask"], positions, latent_id,
                              use_cache=True, feedback=feedback, later_mask=later)

@@ -31,6 +31,10 @@ class CoconutModel(DecoderModel):
             raise UserError(f"{folder}: not a Coconut export (icot_component.json records no coconut.thoughts)")
         self.thoughts = int(thoughts)
 
+    @property
+    def added_positions(self):
+        return self.thoughts + 2
+
     @classmethod
     def holds(cls, folder):
         return super().holds(folder) and "coconut" in read_description(folder)

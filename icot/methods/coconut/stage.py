@@ -16,7 +16,8 @@ from icot.data.collate import collate_generate, collate_thoughts, to_device, vie
 from icot.errors import UserError
 from icot.methods.coconut.schedule import CoconutSchedule
 from icot.methods.coconut.sequences import (THOUGHT_TOKENS, add_thought_tokens, inference_thoughts,
-                                            most_thoughts, stage_sequence, with_thoughts)
+                                            most_thoughts, stage_sequence, thought_count,
+                                            with_thoughts)
 from icot.models.generation import generate_with_thoughts
 from icot.models.thoughts import copy_token_rows, thought_forward, token_tables
 from icot.stage import Stage, shifted_lm_metrics, start_decoder
@@ -25,6 +26,8 @@ from icot.stage import Stage, shifted_lm_metrics, start_decoder
 class CoconutStage(Stage):
     generation_target = "cot"   # at early stages the model still writes the steps left
     curriculum_scalar = "coconut_stage"
+    row_keys = ("coconut.thoughts_per_step", "coconut.max_latent_stage")
+    uses_steps = True
 
     def __init__(self, config, strategy, tokenizer):
         super().__init__(config, strategy, tokenizer)
@@ -51,10 +54,23 @@ class CoconutStage(Stage):
                 copy_token_rows(decoder, [self.tokens.start, self.tokens.end, self.tokens.latent], self.init_id)
         return decoder
 
+    def longest_row(self, feature):
+        """The longest of its stage sequences over the curriculum, from the run's first stage (stage 0 where
+        uniform_prob draws earlier ones) to the one where every step is latent."""
+        first = 0 if self.options.uniform_prob > 0 else self.schedule.stage_of(0)
+        rows = [(len(stage_sequence(feature, stage, self.options, self.tokens)[0]), stage)
+                for stage in range(first, self.options.max_latent_stage + 2)]
+        length, stage = max(rows, key=lambda row: row[0])   # the first stage that long
+        thoughts = thought_count(stage, len(feature["step_starts"]), self.options)[1]
+        return length, f"its stage-{stage} Coconut sequence ({thoughts} thoughts and 2 markers)"
+
     def export_extra(self) -> dict:
         extra = super().export_extra()
         extra["coconut"] = {"thoughts": inference_thoughts(self.schedule.stage, self.options),
                             "stage": self.schedule.stage, "tokens": list(THOUGHT_TOKENS)}
+        last = self.options.max_latent_stage + 1   # every step latent
+        extra["curriculum"] = {"final": self.schedule.stage >= last,
+                               "at": f"stage {min(self.schedule.stage, last)} of {last}"}
         return extra
 
     # -- the curriculum ----------------------------------------------------------------------------

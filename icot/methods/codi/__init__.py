@@ -65,7 +65,8 @@ class CodiConfig:
     lora: bool = option(True, help="train LoRA adapters (through peft) and the projection on a frozen base "
                                    "(false: the whole decoder and the projection)")
     lora_r: int = option(128, minimum=1, help="LoRA rank")
-    lora_alpha: float = option(32.0, minimum=0.0, help="LoRA alpha (scaling alpha / r)")
+    lora_alpha: float = option(32.0, above=0.0, help="LoRA alpha (scaling alpha / r; 0 would silence the "
+                                                     "adapters)")
     lora_dropout: float = option(0.1, minimum=0.0, check=_probability,
                                  help="LoRA dropout (the reference hard-codes 0.1 whatever its argument says)")
     lora_targets: list[str] = option(factory=list, help="the modules that get adapters; empty: per family, as the "

@@ -24,16 +24,34 @@ LORA_TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"],
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2")
 
 
+def linear_layers(decoder: nn.Module) -> list[str]:
+    """The name of every linear layer (nn.Linear, GPT-2's Conv1D) of `decoder`: what LoRA can target."""
+    from transformers.pytorch_utils import Conv1D
+
+    return [name for name, module in decoder.named_modules() if isinstance(module, (nn.Linear, Conv1D)) and name]
+
+
 def lora_targets(decoder: nn.Module, chosen: list[str]) -> list[str]:
+    """The adapters' target modules: `chosen` (codi.lora_targets), each of which must name a linear layer of
+    the decoder (peft would stop with its own traceback, or skip it), else the family's defaults."""
+    from icot.errors import UserError
+
     if chosen:
+        layers = linear_layers(decoder)
+        # peft's rule: a target is a module's name or the end of it after a dot.
+        missing = [target for target in chosen if not any(name == target or name.endswith("." + target)
+                                                          for name in layers)]
+        if missing:
+            names = sorted({name.rsplit(".", 1)[-1] for name in layers})
+            raise UserError(f"codi.lora_targets: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not a "
+                            f"linear layer of this {decoder.config.model_type} model; its linear layers: "
+                            f"{', '.join(names)}")
         return list(chosen)
     model_type = decoder.config.model_type
     if model_type == "gpt2":
         return LORA_TARGETS["gpt2"]
     if model_type in LLAMA_LIKE:
         return LORA_TARGETS["llama"]
-    from icot.errors import UserError
-
     raise UserError(f"codi.lora_targets: no default adapter targets for model type {model_type!r}; name them")
 
 
@@ -128,22 +146,68 @@ def rebuilt_on_cpu(decoder_config, options, state_dict: dict[str, torch.Tensor])
     return model
 
 
-def save_codi_export(model: CodiModel, folder: Path, tokenizer, extra: dict, adapter: bool) -> None:
-    """Write the adapters alone (`adapter/`, when asked and present), then the merged decoder, the
-    projection and the tokenizer into `folder`."""
+ADAPTER_README = """# CODI adapters (peft)
+
+The LoRA adapters of this CODI export alone, with the token tables they were trained with (the base grew
+{added} rows for CODI's tokens; peft's `save_embedding_layers`), the projection and the tokenizer. The
+folder above holds the same model merged, which `transformers` loads by itself.
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("{folder}")
+base = AutoModelForCausalLM.from_pretrained("{base}")
+base.resize_token_embeddings({rows})   # room for CODI's tokens; their rows load from the adapter
+model = PeftModel.from_pretrained(base, "{folder}")
+```
+
+`{projection}` holds the projection that maps a fed-back state to the next continuous thought
+(`icot.methods.codi.model.build_projection`, with the shape in ../icot_component.json).
+"""
+
+
+def save_codi_export(model: CodiModel, folder: Path, tokenizer, extra: dict, adapter: bool,
+                     base: str | None = None) -> None:
+    """Write the adapters alone (`adapter/`, when asked and present, and where a `base` folder exists for
+    them to load into: the start's weights, absolute), then the merged decoder, the projection and the
+    tokenizer into `folder`."""
     from peft import PeftModel
     from safetensors.torch import save_file
 
     from icot.models.io import save_component
 
     projection = {key: value.detach().contiguous().cpu() for key, value in model.projection.state_dict().items()}
-    if adapter and isinstance(model.decoder, PeftModel):
-        model.decoder.save_pretrained(folder / ADAPTER_FOLDER)
-        save_file(projection, str(folder / ADAPTER_FOLDER / PROJECTION_FILE))
-        tokenizer.save_pretrained(folder / ADAPTER_FOLDER)
+    if adapter and isinstance(model.decoder, PeftModel) and base is not None:
+        save_adapter(model, folder / ADAPTER_FOLDER, tokenizer, base, projection)
+    elif adapter and isinstance(model.decoder, PeftModel):
+        extra = dict(extra, adapter=None, adapter_note="no adapter export: the adapters sat on a base built from "
+                                                       "scratch in the run, which no folder holds; the merged "
+                                                       "model here is complete")
     save_component(model.merged_decoder(), folder, extra=extra)
     save_file(projection, str(folder / PROJECTION_FILE))
     tokenizer.save_pretrained(folder)
+
+
+def save_adapter(model: CodiModel, folder: Path, tokenizer, base: str, projection: dict) -> None:
+    """peft's adapter folder, loadable by `PeftModel.from_pretrained` on `base` (recorded as its
+    base_model_name_or_path) once the base has the tokenizer's rows: the token tables go with the adapters
+    (the new tokens' rows exist nowhere else), and a README says how."""
+    import json
+
+    from safetensors.torch import save_file
+
+    model.decoder.save_pretrained(folder, save_embedding_layers=True)
+    config_file = folder / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = base
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
+    save_file(projection, str(folder / PROJECTION_FILE))
+    tokenizer.save_pretrained(folder)
+    rows = model.base.get_input_embeddings().weight.shape[0]
+    base_rows = json.loads((Path(base) / "config.json").read_text()).get("vocab_size", rows)
+    (folder / "README.md").write_text(ADAPTER_README.format(folder=folder.resolve(), base=base, rows=rows,
+                                                            added=max(rows - base_rows, 0), projection=PROJECTION_FILE))
 
 
 def load_codi_export(folder: Path, options) -> CodiModel:

@@ -41,6 +41,10 @@ class CodiModeModel(ModeModel):
     def decoder(self):
         return self.model.base
 
+    @property
+    def added_positions(self):
+        return self.options.latents + 2
+
     @classmethod
     def holds(cls, folder):
         return (folder / PROJECTION_FILE).is_file() and "codi" in read_description(folder)

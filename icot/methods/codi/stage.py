@@ -21,8 +21,10 @@ import torch.nn.functional as F
 
 from icot.data.collate import to_device
 from icot.errors import UserError
-from icot.methods.codi.model import CodiModel, build_projection, rebuilt_on_cpu, save_codi_export, with_adapters
-from icot.methods.codi.sequences import CODI_TOKENS, add_codi_tokens, collate_codi, inference_batch
+from icot.methods.codi.model import (CodiModel, build_projection, lora_targets, rebuilt_on_cpu, save_codi_export,
+                                     with_adapters)
+from icot.methods.codi.sequences import (CODI_TOKENS, add_codi_tokens, collate_codi, inference_batch,
+                                         student_sequence)
 from icot.models.decoder import decoder_shape, gather_rows, unwrap
 from icot.models.generation import generate_with_thoughts
 from icot.models.thoughts import thought_forward
@@ -85,6 +87,8 @@ def codi_loss(model, batch: dict, options, latent_id: int) -> dict[str, torch.Te
 
 class CodiStage(Stage):
     generation_target = "cot_removed"   # the student writes `<sep> #### a <sep>` after its thoughts
+    row_keys = ("codi.latents",)
+    uses_steps = True
 
     def __init__(self, config, strategy, tokenizer):
         super().__init__(config, strategy, tokenizer)
@@ -105,8 +109,33 @@ class CodiStage(Stage):
         teacher = 3 + (1 if config.codi.teacher_passes == 2 else 0)
         return config.train.batch_size * (3 * (tokens["nocot"] + config.codi.latents + 2) + teacher * tokens["cot"])
 
+    def longest_row(self, feature):
+        """The student row (the prompt, the thoughts between their markers, the answer) or the teacher's."""
+        student = len(student_sequence(feature, self.options.latents, self.tokens)[0])
+        return max((student, f"its CODI student row ({self.options.latents} thoughts and 2 markers)"),
+                   super().longest_row(feature))
+
+    def check_decoder(self, decoder):
+        if self.options.lora:
+            lora_targets(decoder, self.options.lora_targets)   # names the model lacks: one line, not peft's
+
+    def check_data(self, train_set, valid_set, limit, log):
+        """Besides the steps and rows: without codi.include_last_step the teacher row drops each CoT's last
+        step, so where most CoTs have one step, most teacher rows would hold no CoT to distil."""
+        super().check_data(train_set, valid_set, limit, log)
+        from icot.data.views import list_lengths
+
+        if not self.options.include_last_step:
+            single = int((list_lengths(train_set, "step_starts") <= 1).sum())
+            if 2 * single > len(train_set):
+                raise UserError(f"codi.include_last_step false drops each CoT's last step from the teacher row, and "
+                                f"{single} of {len(train_set)} training CoTs have one step or none under data.steps "
+                                f"{self.config.data.steps}: their teacher rows would hold no CoT; set "
+                                f"codi.include_last_step true or another data.steps")
+
     def build(self):
         decoder = start_decoder(self, self.options.start == "teacher", self.config.model.dropout)
+        self.check_decoder(decoder)
         projection = build_projection(decoder_shape(decoder)[1], self.options)
         # The adapters are created outside the ZeRO-3 load scope (peft reads a partitioned base layer's
         # shape from `ds_shape`); the engine partitions them with the projection.
@@ -125,7 +154,18 @@ class CodiStage(Stage):
         """The merged decoder, the projection and the tokenizer (and the adapters alone in `adapter/`),
         from a CPU copy rebuilt from the full state dict: the trained module may be partitioned."""
         codi = rebuilt_on_cpu(unwrap(model).config, self.options, state_dict)
-        save_codi_export(codi, folder, self.tokenizer, self.export_extra(), self.options.export_adapter)
+        save_codi_export(codi, folder, self.tokenizer, self.export_extra(), self.options.export_adapter,
+                         self.adapter_base())
+
+    def adapter_base(self) -> str | None:
+        """The folder of the weights the adapters sit on (absolute): the start's export, model.name_or_path,
+        or none (a base built from scratch in the run)."""
+        import os
+
+        if self.options.start == "teacher":
+            return str(self.input_export("start").resolve())
+        path = self.config.model.name_or_path
+        return os.path.realpath(path) if path and os.path.isdir(path) else None
 
     # -- training ----------------------------------------------------------------------------------
     def collate(self, features):

@@ -45,8 +45,10 @@ class StepwiseConfig:
                                      help=final_decay_help("the whole CoT is removed (the longest training CoT)"))
     remove_all_beyond: Optional[int] = option(
         None, minimum=0, help="once this many tokens are scheduled, remove the whole CoT (GSM8K: 39); null: never")
-    smoothing_lambda: float = option(4.0, minimum=0.0, help="removal smoothing: each example removes k more tokens "
-                                                            "with P(k) = (1 - e^-lambda) e^(-lambda k), k < 100; inf: none")
+    smoothing_lambda: float = option(4.0, above=0.0, infinite=True,
+                                     help="removal smoothing: each example removes k more tokens with P(k) = "
+                                          "(1 - e^-lambda) e^(-lambda k), k < 100; inf: none (0 would put all "
+                                          "the mass on k = 99: the whole CoT from the first step)")
     side: Literal["left", "right"] = option("left", help="remove the CoT's first tokens (left) or its last (right)")
     pretrain_epochs: int = option(0, minimum=0, help="epochs before the removal starts (they remove "
                                                      "stepwise.remove_start_from tokens)")

@@ -20,6 +20,10 @@ class StepwiseModel(DecoderModel):
             return None
         return read_description(self.folder).get("position_shift")
 
+    @property
+    def added_positions(self) -> int:
+        return self.position_shift or 0   # every position from the separator on moves this much further
+
     def kept_positions(self, separator_positions: torch.Tensor):
         shift = self.position_shift
         if shift is None:

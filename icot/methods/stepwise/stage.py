@@ -54,6 +54,9 @@ class StepwiseStage(Stage):
     def __init__(self, config, strategy, tokenizer):
         super().__init__(config, strategy, tokenizer)
         self.options = config.stepwise
+        if self.options.keep_position and self.options.side != "left":
+            raise UserError("stepwise.keep_position: supported with stepwise.side left only (inference would "
+                            "have to shift positions inside the CoT it writes)")
         self.schedule = RemovalSchedule(self.options, config.train.seed)
         self.removals: dict[int, float] = {}     # this step's examples: tokens each removes
         self.evaluating: float | None = None     # the removal validation measures (None: the schedule's)
@@ -64,21 +67,41 @@ class StepwiseStage(Stage):
 
     def build(self):
         dropout = self.config.model.dropout
-        if self.options.keep_position and self.options.side != "left":
-            raise UserError("stepwise.keep_position: supported with stepwise.side left only (inference would "
-                            "have to shift positions inside the CoT it writes)")
         if self.options.start == "teacher":
             decoder = self.strategy.load_pretrained(lambda: load_component(self.input_export("start"), expect="decoder"))
             decoder = prepare_decoder(decoder, self.config, dropout)
         else:
             decoder = fresh_decoder(self.config, self.tokenizer, dropout=dropout, strategy=self.strategy)
-        if self.options.keep_position:
-            position_embedding(decoder)   # refuses decoders without learned absolute positions
+        self.check_decoder(decoder)
         return decoder
 
     def prepare_train_set(self, train_set):
         self.cot_lengths = cot_lengths(train_set, self.separator_id)
         return train_set
+
+    def check_decoder(self, decoder):
+        if self.options.keep_position:
+            position_embedding(decoder)   # refuses decoders without learned absolute positions
+
+    def check_data(self, train_set, valid_set, limit, log):
+        """Besides the rows: settings that would train nothing like stepwise internalization on this data."""
+        super().check_data(train_set, valid_set, limit, log)
+        from icot.data.views import list_lengths
+        from icot.loop import total_steps
+
+        steps, per_epoch = total_steps(self.config, len(train_set))
+        pretrain = self.options.pretrain_epochs
+        if pretrain and pretrain * per_epoch >= steps:
+            raise UserError(f"stepwise.pretrain_epochs: {pretrain} epoch(s) of {per_epoch} steps before the removal "
+                            f"starts, but the run trains {steps} steps (train.max_steps / train.epochs): nothing "
+                            f"would be removed")
+        limit = self.options.max_length
+        if limit is not None:
+            lengths = list_lengths(train_set, "cot_ids")
+            if limit < lengths.min():
+                raise UserError(f"stepwise.max_length: {limit} is shorter than every training example (the "
+                                f"shortest has {int(lengths.min())} tokens with its CoT): each batch would train "
+                                f"one example until the removal makes them fit; raise it or leave it null")
 
     def final_position_shift(self) -> int:
         """The shift inference applies with keep_position: the tokens the final schedule removes, the
@@ -89,6 +112,10 @@ class StepwiseStage(Stage):
 
     def export_extra(self) -> dict:
         extra = super().export_extra()
+        longest = int(self.cot_lengths.max()) if len(self.cot_lengths) else 0
+        removed = min(self.schedule.scheduled, longest)
+        extra["curriculum"] = {"final": removed >= longest,
+                               "at": f"{int(removed)} of its {longest} CoT tokens removed"}
         if self.options.keep_position:
             extra.update(keep_position=True, position_shift=self.final_position_shift())
         return extra
