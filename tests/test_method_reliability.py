@@ -36,21 +36,12 @@ pytest.register_assert_rewrite("tests.train_fixtures")
 pytest_plugins = ["tests.train_fixtures"]
 
 from icot.errors import UserError  # noqa: E402
-from tests.train_fixtures import (RUN_TIMEOUT, icot_env, launch_and_signal, make_workspace, run_train,  # noqa: E402
-                                  write_recipe)
+from tests.train_fixtures import (RUN_TIMEOUT, icot_env, launch_and_signal, make_workspace,  # noqa: E402
+                                  one_line_error, run_train, write_recipe)
 
 CURRICULUM = {"thoughts_per_step": 1, "epochs_per_stage": 1, "max_latent_stage": 2, "epoch_offset": 1,
               "init_token": "+"}
 CODI = {"latents": 3, "projection_dim": 48, "lora_r": 4, "lora_alpha": 8, "include_last_step": True}
-
-
-def one_line_error(result, *needles: str) -> str:
-    output = result.stdout + result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("icot: error:")]
-    assert result.returncode == 2 and "Traceback" not in output and len(errors) == 1, output[-3000:]
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    return errors[0]
 
 
 def icot(cwd: Path, *args: str, timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess:

@@ -38,19 +38,10 @@ import pytest
 pytest.register_assert_rewrite("tests.train_fixtures")
 pytest_plugins = ["tests.train_fixtures"]
 
-from tests.train_fixtures import (icot_env, launch_and_signal, make_workspace, read_scalars,  # noqa: E402
-                                  run_train, stage_folder_problems, train_command, write_recipe)
+from tests.train_fixtures import (icot_env, launch_and_signal, make_workspace, one_line_error,  # noqa: E402
+                                  read_scalars, run_train, stage_folder_problems, train_command, write_recipe)
 
 CKPT = "run/teacher/ckpt"
-
-
-def one_line_error(result, *needles: str) -> str:
-    output = result.stdout + result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("icot: error:")]
-    assert result.returncode == 2 and "Traceback" not in output and len(errors) == 1, output[-3000:]
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    return errors[0]
 
 
 def digest(folder: Path) -> dict[str, str]:

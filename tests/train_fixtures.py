@@ -62,6 +62,16 @@ def write_recipe(folder: Path, name: str = "recipe.yaml", family: str = "gpt2", 
     return path
 
 
+def one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:
+    """The one `icot: error:` line of a run refused with exit 2 and no traceback, holding every needle."""
+    output = result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("icot: error:")]
+    assert result.returncode == 2 and "Traceback" not in output and len(errors) == 1, output[-3000:]
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
 def icot_env(**extra: str) -> dict:
     env = dict(os.environ)
     env.update(DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
