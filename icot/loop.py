@@ -215,7 +215,7 @@ class Trainer:
                         self.save_checkpoint()
                     bar.close()
                     self.log(f"stop requested: checkpoint written at step {step} after "
-                             f"{self.progress.seconds:.1f} s of training, exiting")
+                             f"{self.progress.seconds:.3f} s of training, exiting")
                     return "preempted"
         final = self.validate(self.progress.step)
         if final is not None:

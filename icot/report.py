@@ -97,7 +97,7 @@ def write_results(run_dir: Path, stages: list[StageRun], evaluation: dict[str, d
         "machine": machine_description(),
         "test_data": data,
         "modes": evaluation,
-        "stages": {s.name: {"steps": s.steps, "seconds": round(s.seconds, 1), "skipped": s.skipped, "beside": s.beside}
+        "stages": {s.name: {"steps": s.steps, "seconds": round(s.seconds, 3), "skipped": s.skipped, "beside": s.beside}
                    for s in stages},
         "wall_seconds": round(total_seconds, 1),
     }

@@ -157,7 +157,7 @@ def write_manifest(paths: Paths, config: StageConfig, inputs: dict[str, Path], e
         "wall_seconds": round(seconds, 1),
         # The training loop's time over every process the stage ran in (a resumed stage's earlier ones
         # included, its set-up not): what `icot compare` reports as the stage's training time.
-        "train_seconds": round(trainer.progress.seconds, 1),
+        "train_seconds": round(trainer.progress.seconds, 3),
         "started_at": round(started_at, 1),    # this run's process, set-up included (epoch seconds)
         "finished_at": round(time.time(), 1),
         "world_size": trainer.strategy.world_size,
