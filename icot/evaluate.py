@@ -103,6 +103,7 @@ class ModeModel(ABC):
         self.tokenizer = tokenizer
         self.separator_id = tokenizer.eos_token_id
         self.folder = folder
+        self.decoding = "eager"   # how `generate` decodes (icot.models.static_decoding.DECODINGS)
 
     @property
     def view(self) -> str:
@@ -350,6 +351,8 @@ def decode_pass(mode_model: ModeModel, features: Sequence[dict], batch_size: int
         batches.append((rows, to_device(collate_generate(chosen, mode_model.separator_id), device)))
     if warmup and batches:
         mode_model.generate(batches[0][1], max_new_tokens, ranks.synced)
+        if mode_model.decoding == "compiled" and batches[-1][1]["input_ids"].shape != batches[0][1]["input_ids"].shape:
+            mode_model.generate(batches[-1][1], max_new_tokens, ranks.synced)   # compiled for its shape too
     outputs = []
     ranks.barrier()
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -392,9 +395,12 @@ def _default_device(strategy=None) -> torch.device:
 def evaluate_loaded(mode_model: ModeModel, features: Sequence[dict],
                     batch_sizes: Sequence[int] = (1, DEFAULT_BATCH_SIZE), strategy=None,
                     max_new_tokens: int | None = None, warmup: bool = True, return_predictions: bool = False,
-                    device=None) -> dict:
+                    device=None, decoding: str = "eager") -> dict:
     """`evaluate_mode` on a model and tokenized examples already in memory (see `evaluate_mode`)."""
+    from icot.models.static_decoding import check_decoding
+
     started = time.perf_counter()
+    mode_model.decoding = check_decoding(decoding, strategy is not None and strategy.world_size > 1)
     ranks = _Ranks(strategy)
     device = device if device is not None else _default_device(strategy)
     if not features:
@@ -460,6 +466,7 @@ def evaluate_loaded(mode_model: ModeModel, features: Sequence[dict],
             f"data (longest reference + {MAX_NEW_TOKENS_MARGIN} = {wanted}, lowered to fit the model's positions)"),
         "unfinished": unfinished,
         "world_size": ranks.world_size,
+        "decoding": decoding,
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
     }
@@ -473,13 +480,14 @@ def evaluate_loaded(mode_model: ModeModel, features: Sequence[dict],
 def evaluate_mode(mode: str, folder_or_run: str | os.PathLike, data_path: str | os.PathLike,
                   batch_sizes: Sequence[int] = (1, DEFAULT_BATCH_SIZE), max_examples: int | None = None,
                   strategy=None, *, max_new_tokens: int | None = None, warmup: bool = True,
-                  return_predictions: bool = False) -> dict:
+                  return_predictions: bool = False, decoding: str = "eager") -> dict:
     """Accuracy, token accuracy and throughput of `mode` on a data file.
 
     `folder_or_run`: a run folder (the mode's stage export is taken from it), a stage folder or an
     export folder. `batch_sizes`: every size is decoded over the whole set and timed; accuracy and
     `examples_per_s_batched` come from the largest, `examples_per_s_batch1` from size 1 (None if 1 is
-    not among them). `strategy`: an initialised `icot.engine.Strategy` to shard across its ranks (every
+    not among them). `decoding`: eager, static or compiled (`icot.models.static_decoding`; the warm-up
+    call compiles). `strategy`: an initialised `icot.engine.Strategy` to shard across its ranks (every
     rank must call; every rank gets the gathered result); None evaluates everything in this process.
 
     Returns a dict with keys accuracy, token_accuracy, examples, examples_per_s_batch1,
@@ -497,7 +505,8 @@ def evaluate_mode(mode: str, folder_or_run: str | os.PathLike, data_path: str | 
     features = load_eval_set(data_path, mode_model.tokenizer, max_examples)
     check_fits(features, mode_model, data_path)
     result = evaluate_loaded(mode_model, features, batch_sizes, strategy, max_new_tokens=max_new_tokens,
-                             warmup=warmup, return_predictions=return_predictions, device=device)
+                             warmup=warmup, return_predictions=return_predictions, device=device,
+                             decoding=decoding)
     result["data"] = str(data_path)
     result["seconds"] = time.perf_counter() - started
     return result
@@ -515,6 +524,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def eval_parser() -> argparse.ArgumentParser:
+    from icot.models.static_decoding import DECODINGS
+
     parser = _Parser(prog="icot eval", description="Accuracy, token accuracy and throughput of one mode.")
     parser.add_argument("--mode", required=True, choices=registry.mode_names(),
                         help="the mode to evaluate (each reads the export of the stage that serves it: " +
@@ -534,6 +545,11 @@ def eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--step", type=int, default=0, help="the TensorBoard step of the scalars (default 0)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice); on a "
                                                     "busy CPU, 1 is often much faster for small models")
+    parser.add_argument("--decoding", default="eager", choices=DECODINGS,
+                        help="eager: transformers' generate (or the thought loop) with a growing KV cache; "
+                             "static: a static KV cache and a one-token step; compiled: that step through "
+                             "torch.compile (CUDA graphs on a GPU), compiled in an untimed warm-up call. The "
+                             "answers are the same; compiled removes the per-token Python overhead")
     return parser
 
 
@@ -588,7 +604,7 @@ def evaluate_cli(overrides: list[str]) -> None:
     strategy = _distributed_strategy()
     try:
         result = evaluate_mode(args.mode, folder, args.data, batch_sizes=sizes, max_examples=args.max_examples,
-                               strategy=strategy, max_new_tokens=args.max_new_tokens)
+                               strategy=strategy, max_new_tokens=args.max_new_tokens, decoding=args.decoding)
     except BaseException:
         if strategy is not None:  # no barrier: the other ranks may be inside another collective
             import torch.distributed as dist

@@ -297,6 +297,17 @@ def test_harness_matches_one_by_one_reference(tiny_run, references, mode):
         assert mixed["accuracy"] == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_compiled_decoding_gives_the_reference_answers(tiny_run, references, mode):
+    """`--decoding compiled` (a static KV cache and a compiled step) answers as the one-by-one reference,
+    at batch 1 and batched (the last batch has another shape: it is compiled in the warm-up too)."""
+    result = evaluate_mode(mode, tiny_run["run"], tiny_run["test"], batch_sizes=(1, 3), return_predictions=True,
+                           decoding="compiled")
+    assert result["decoding"] == "compiled"
+    assert result["predictions"] == references[mode]["answers"]
+    assert result["accuracy_by_batch_size"]["1"] == result["accuracy_by_batch_size"]["3"]
+
+
 def test_folders_can_be_named_by_run_stage_or_export(tiny_run, references):
     run = tiny_run["run"]
     for folder in (run / "no_cot", run / "no_cot/export"):

@@ -80,7 +80,7 @@ class ToyStage(Stage):
 
 class ToyModel(DecoderModel):
     def generate(self, batch, max_new_tokens, synced=False):
-        return generate_explicit(self.model, batch, self.separator_id, max_new_tokens, synced)
+        return generate_explicit(self.model, batch, self.separator_id, max_new_tokens, synced, self.decoding)
 
 
 METHOD = register(Method(

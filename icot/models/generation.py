@@ -8,7 +8,8 @@ reference code's scheme).
 - implicit CoT: one emulator pass over the prompt, then the student decodes with the states
   injected on the prompt pass only (they persist through the KV cache); it stops at the first EOS.
 `synced` keeps every rank stepping until all are done (needed under ZeRO-3, where each forward is a
-collective).
+collective). `decoding` (every function that decodes): `eager`, or `static` / `compiled` for a static KV
+cache and a (compiled) one-token step after the same prompt pass (`icot.models.static_decoding`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from icot.models.coupled import CoupledModel
 from icot.errors import UserError
 from icot.models.decoder import position_limit, unwrap
+from icot.models.static_decoding import check_decoding, greedy_loop, static_greedy
 
 
 class IgnorePaddingWarning(logging.Filter):
@@ -80,11 +82,25 @@ def room_after(decoder: nn.Module, last_positions: torch.Tensor) -> int:
 
 
 def greedy_decode(decoder: nn.Module, batch: dict[str, torch.Tensor], separator_id: int, separators: int,
-                  max_new_tokens: int, synced: bool = False) -> list[list[int]]:
+                  max_new_tokens: int, synced: bool = False, decoding: str = "eager", prompt_context=None,
+                  step_offset: int = 0) -> list[list[int]]:
     """Greedy decoding from a left-padded prompt batch until `separators` new separators per row, or until
-    the longest row fills the decoder's positions (a model that never stops must not index past them)."""
+    the longest row fills the decoder's positions (a model that never stops must not index past them).
+    Static and compiled decoding only: `prompt_context()` wraps the prompt pass, `step_offset` moves every
+    new token's position (see `static_greedy`)."""
     prompt_length = batch["input_ids"].size(1)
     max_new_tokens = min(max_new_tokens, room_after(decoder, batch["attention_mask"].sum(dim=1)))
+    if check_decoding(decoding, synced) != "eager":
+        def prompt_pass(cache):
+            with prompt_context() if prompt_context is not None else contextlib.nullcontext():
+                output = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 position_ids=batch["position_ids"], cache=cache, use_cache=True, logits_to_keep=1)
+            return output.logits[:, -1], batch["attention_mask"]
+
+        tokens = static_greedy(decoder, prompt_pass, prompt_length, batch["position_ids"][:, -1], separator_id,
+                               separators, max_new_tokens, suppressed_tokens(decoder), synced, decoding == "compiled",
+                               step_offset)
+        return truncate_after_separators(tokens, separator_id, separators)
     stop = StopAfterSeparators(separator_id, separators, prompt_length)
     output = decoder.generate(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -95,22 +111,24 @@ def greedy_decode(decoder: nn.Module, batch: dict[str, torch.Tensor], separator_
 
 
 @torch.no_grad()
-def generate_no_cot(decoder: nn.Module, batch, separator_id: int, max_new_tokens: int, synced: bool = False):
-    return greedy_decode(decoder, batch, separator_id, 1, max_new_tokens, synced)
+def generate_no_cot(decoder: nn.Module, batch, separator_id: int, max_new_tokens: int, synced: bool = False,
+                    decoding: str = "eager"):
+    return greedy_decode(decoder, batch, separator_id, 1, max_new_tokens, synced, decoding)
 
 
 @torch.no_grad()
-def generate_explicit(teacher: nn.Module, batch, separator_id: int, max_new_tokens: int, synced: bool = False):
-    return greedy_decode(teacher, batch, separator_id, 2, max_new_tokens, synced)
+def generate_explicit(teacher: nn.Module, batch, separator_id: int, max_new_tokens: int, synced: bool = False,
+                      decoding: str = "eager", **static_options):
+    return greedy_decode(teacher, batch, separator_id, 2, max_new_tokens, synced, decoding, **static_options)
 
 
 @torch.no_grad()
 def generate_implicit(model: CoupledModel, batch, separator_id: int, max_new_tokens: int,
-                      synced: bool = False):
+                      synced: bool = False, decoding: str = "eager"):
     states = model.emulator(batch["input_ids"], batch["attention_mask"], batch["first_sep"],
                             position_ids=batch.get("position_ids")).states
     with model.student.injection(states, batch["first_sep"], prompt_pass_only=True):
-        return greedy_decode(model.student.decoder, batch, separator_id, 1, max_new_tokens, synced)
+        return greedy_decode(model.student.decoder, batch, separator_id, 1, max_new_tokens, synced, decoding)
 
 
 @torch.no_grad()
@@ -162,7 +180,7 @@ def suppressed_tokens(model) -> list[int]:
 @torch.no_grad()
 def generate_with_thoughts(model, batch: dict[str, torch.Tensor], latent_id: int, separator_id: int, separators: int,
                            max_new_tokens: int, synced: bool = False, feedback: nn.Module | None = None,
-                           suppress: list[int] = ()) -> list[list[int]]:
+                           suppress: list[int] = (), decoding: str = "eager") -> list[list[int]]:
     """Batched greedy decoding after continuous thoughts (Coconut, CODI), with one KV cache kept from the
     thought passes through the answer. `batch`: left-padded inputs that end with the thoughts and the
     end-of-thought token (`input_ids`, `attention_mask`, `position_ids`, and `later_mask` where the
@@ -175,27 +193,29 @@ def generate_with_thoughts(model, batch: dict[str, torch.Tensor], latent_id: int
     positions = batch["position_ids"]
     max_new_tokens = min(max_new_tokens, room_after(model, positions[:, -1] + 1))
     later = batch.get("later_mask")
-    output = thought_forward(model, batch["input_ids"], batch["attention_mask"], positions, latent_id,
-                             use_cache=True, feedback=feedback, later_mask=later)
     mask = batch["attention_mask"] if later is None else later
-    cache, logits = output.cache, output.logits[:, -1]
     suppress = suppressed_tokens(model) + list(suppress)
-    done = torch.zeros(mask.size(0), dtype=torch.bool, device=mask.device)
-    seen = torch.zeros_like(done, dtype=torch.long)
-    ones, tokens = mask.new_ones((mask.size(0), 1)), []
-    for step in range(max_new_tokens):
-        logits[:, suppress] = float("-inf")
-        token = logits.argmax(dim=-1).masked_fill(done, separator_id)
-        tokens.append(token)
-        seen += (token == separator_id) & ~done
-        done |= seen >= separators
-        if step == max_new_tokens - 1 or all_finished(done, synced):
-            break
-        mask = torch.cat((mask, ones), dim=1)
-        positions = positions[:, -1:] + 1
-        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, cache=cache,
-                       use_cache=True).logits[:, -1]
-    return truncate_after_separators(torch.stack(tokens, dim=1), separator_id, separators)
+
+    def prompt_pass(cache=None):
+        output = thought_forward(model, batch["input_ids"], batch["attention_mask"], positions, latent_id,
+                                 use_cache=True, feedback=feedback, later_mask=later, cache=cache)
+        return output, output.logits[:, -1], mask
+
+    if check_decoding(decoding, synced) != "eager":
+        tokens = static_greedy(unwrap(model), lambda cache: prompt_pass(cache)[1:], positions.size(1), positions[:, -1],
+                               separator_id, separators, max_new_tokens, suppress, synced, decoding == "compiled")
+        return truncate_after_separators(tokens, separator_id, separators)
+    output, logits, _ = prompt_pass()
+    cache, grown = output.cache, [mask]
+    ones = mask.new_ones((mask.size(0), 1))
+
+    def next_logits(token: torch.Tensor, step: int) -> torch.Tensor:
+        grown[0] = torch.cat((grown[0], ones), dim=1)
+        return model(input_ids=token[:, None], attention_mask=grown[0], position_ids=positions[:, -1:] + step + 1,
+                     cache=cache, use_cache=True).logits[:, -1]
+
+    tokens = greedy_loop(logits, next_logits, separator_id, separators, max_new_tokens, suppress, synced)
+    return truncate_after_separators(tokens, separator_id, separators)
 
 
 @torch.no_grad()

@@ -47,7 +47,8 @@ def checkpointing_in_training(decoder: nn.Module) -> bool:
 def thought_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     position_ids: torch.Tensor, latent_id: int, passes: int | None = None,
                     use_cache: bool | None = None, feedback: nn.Module | None = None,
-                    later_mask: torch.Tensor | None = None, hidden_states: bool = False) -> ThoughtOutput:
+                    later_mask: torch.Tensor | None = None, hidden_states: bool = False,
+                    cache=None) -> ThoughtOutput:
     """Logits of a batch whose `<latent>` tokens are continuous thoughts (see the module docstring).
 
     The decoder runs over the columns before the first thought, then one column per call up to the last
@@ -58,7 +59,8 @@ def thought_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     `feedback` maps a fed-back state to the thought's embedding (CODI's projection; None: the state
     itself, as Coconut). `later_mask` replaces `attention_mask` in every call after the first (CODI's
     reference masking: the prefix pass masks its padding, later passes attend to it); it needs the
-    cache. `hidden_states`: also return the last call's hidden states of every layer."""
+    cache. `hidden_states`: also return the last call's hidden states of every layer. `cache`: the KV
+    cache to fill (e.g. a static one, for compiled decoding after it); a new dynamic one by default."""
     from transformers import DynamicCache
 
     decoder = unwrap(model)
@@ -77,7 +79,10 @@ def thought_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
             raise ValueError(f"{passes} thought passes need a column before the first thought in a batch "
                              f"{width} columns wide")
     inputs_embeds = decoder.get_input_embeddings()(input_ids)
-    cache = DynamicCache(config=decoder.config) if use_cache else None
+    if cache is not None and not use_cache:
+        raise ValueError("a cache was given to a forward without one")
+    if use_cache and cache is None:
+        cache = DynamicCache(config=decoder.config)
     logits = []
     start, end = 0, (first if passes else width)
     for call in range(passes + 1):

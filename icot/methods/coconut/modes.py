@@ -46,7 +46,7 @@ class CoconutModel(DecoderModel):
     def generate(self, batch, max_new_tokens, synced=False):
         inputs = with_thoughts(batch, self.thoughts, self.tokens)
         return generate_with_thoughts(self.model, inputs, self.tokens.latent, self.separator_id, 2, max_new_tokens,
-                                      synced)
+                                      synced, decoding=self.decoding)
 
     def generate_as_reference(self, batch, max_new_tokens):
         """The reference code's decoding of the same inputs: one example at a time, no KV cache after the

@@ -67,7 +67,8 @@ class CodiModeModel(ModeModel):
     def generate(self, batch, max_new_tokens, synced=False):
         inputs = inference_batch(batch, self.options.latents, self.tokens, self.options.reference_masking)
         return generate_with_thoughts(self.model, inputs, self.tokens.latent, self.separator_id, 2, max_new_tokens,
-                                      synced, feedback=self.model.projection, suppress=self.tokens.never_generated)
+                                      synced, feedback=self.model.projection, suppress=self.tokens.never_generated,
+                                      decoding=self.decoding)
 
     @torch.no_grad()
     def logits(self, batch):

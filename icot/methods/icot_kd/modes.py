@@ -39,7 +39,7 @@ class ImplicitModel(ModeModel):
         return CoupledModel(Emulator(emulator_decoder).for_inference(), Student(student_decoder))
 
     def generate(self, batch, max_new_tokens, synced=False):
-        return generate_implicit(self.model, batch, self.separator_id, max_new_tokens, synced)
+        return generate_implicit(self.model, batch, self.separator_id, max_new_tokens, synced, self.decoding)
 
     @torch.no_grad()
     def logits(self, batch):

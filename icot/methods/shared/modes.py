@@ -7,9 +7,9 @@ from icot.models.generation import generate_explicit, generate_no_cot
 
 class NoCotModel(DecoderModel):
     def generate(self, batch, max_new_tokens, synced=False):
-        return generate_no_cot(self.model, batch, self.separator_id, max_new_tokens, synced)
+        return generate_no_cot(self.model, batch, self.separator_id, max_new_tokens, synced, self.decoding)
 
 
 class ExplicitModel(DecoderModel):
     def generate(self, batch, max_new_tokens, synced=False):
-        return generate_explicit(self.model, batch, self.separator_id, max_new_tokens, synced)
+        return generate_explicit(self.model, batch, self.separator_id, max_new_tokens, synced, self.decoding)

@@ -36,8 +36,12 @@ class StepwiseModel(DecoderModel):
         separators = batch["position_ids"][:, -1]
         if self.position_shift:
             max_new_tokens = min(max_new_tokens, room_after(self.model, separators + 1 + self.position_shift))
+        if self.position_shift and self.decoding != "eager":   # the shift in the positions the step is given
+            return generate_explicit(self.model, batch, self.separator_id, max_new_tokens, synced, self.decoding,
+                                     prompt_context=lambda: self.kept_positions(separators),
+                                     step_offset=self.position_shift)
         with self.kept_positions(separators):
-            return generate_explicit(self.model, batch, self.separator_id, max_new_tokens, synced)
+            return generate_explicit(self.model, batch, self.separator_id, max_new_tokens, synced, self.decoding)
 
     @torch.no_grad()
     def logits(self, batch):
