@@ -151,6 +151,10 @@ class TrainConfig:
                                                      "paper-era runs clipped nothing; the reference code now "
                                                      "clips at 1.0)")
     precision: Literal["fp32", "bf16", "fp16"] = option("fp32", help="training precision (the paper: fp32)")
+    peak_tflops: Optional[float] = option(None, resumable=True, above=0.0,
+                                          help="the device's peak dense TFLOPS at train.precision, for the model "
+                                               "FLOPs utilization (MFU) logged beside tokens/s; null: from icot's "
+                                               "table of known GPUs (icot/flops.py), none on a CPU or unknown card")
     zero_stage: Literal[0, 1, 2, 3] = option(0, help="DeepSpeed ZeRO stage")
     offload: bool = option(False, help="offload optimizer state (ZeRO 2-3) and parameters (ZeRO 3) to the CPU")
     seed: int = option(42, help="seed of the initial weights, the data order and dropout")

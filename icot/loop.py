@@ -39,8 +39,25 @@ class TrainingDiverged(UserError):
 class Progress:
     step: int = 0          # optimizer steps done
     examples: int = 0      # training examples consumed (all ranks)
-    tokens: int = 0        # non-padding tokens consumed (all ranks)
+    tokens: int = 0        # non-padding tokens through the trained model (all ranks)
     seconds: float = 0.0   # the loop's wall time (steps, validations, checkpoints), over every process it ran in
+    step_seconds: float = 0.0   # the part of it spent in optimizer steps
+    model_flops: float = 0.0    # the trained model's forward + backward FLOPs (all ranks; icot.flops)
+
+    def throughput(self, world_size: int, peak_flops: float | None) -> dict:
+        """tokens/s, samples/s, model TFLOPS per device and MFU over the optimizer steps so far."""
+        return throughput(self.tokens, self.examples, self.model_flops, self.step_seconds, world_size, peak_flops)
+
+
+def throughput(tokens: float, examples: float, flops: float, seconds: float, world_size: int,
+               peak_flops: float | None) -> dict:
+    seconds = max(seconds, 1e-9)
+    per_device = flops / seconds / world_size
+    figures = {"tokens_per_s": tokens / seconds, "samples_per_s": examples / seconds,
+               "model_tflops_per_device": per_device / 1e12}
+    if peak_flops:
+        figures["mfu"] = per_device / peak_flops
+    return figures
 
 
 class StopRequest:
@@ -132,12 +149,15 @@ class Trainer:
         self.best_score: float | None = None    # the best validation so far (train.export_best)
         self.last_validation: dict[str, float] | None = None
         self.writer = None
+        self.model_flops = None   # icot.flops.ModelFlops of the trained model, and the device's peak (set up)
+        self.peak_flops: float | None = None
         self._epoch_order: tuple[int, np.ndarray] | None = None   # (epoch, batch_order): one permutation per epoch
 
     # -- set up ----------------------------------------------------------------------------------
     def setup(self, model: torch.nn.Module, plan) -> None:
         """The engine, then the checkpoint `plan` names (an `icot.resume.ResumePlan`), then TensorBoard."""
         self.engine = self.strategy.prepare_trainable(model, total_steps=self.steps)
+        self.count_flops()
         for line in plan.describe():
             self.log(line)
         if plan.checkpoint is not None:
@@ -149,6 +169,12 @@ class Trainer:
             # One writer, fixed folder; purge_step drops events an interrupted run wrote past its checkpoint
             # (all of them when this run starts from step 0).
             self.writer = SummaryWriter(str(self.paths.tb), purge_step=self.progress.step + 1)
+
+    def count_flops(self) -> None:
+        from icot.flops import ModelFlops, peak_flops
+
+        self.model_flops = ModelFlops.of_model(getattr(self.engine, "module", self.engine))
+        self.peak_flops = peak_flops(self.strategy.device, self.train_cfg.precision, self.train_cfg.peak_tflops)
 
     def resume(self, plan) -> None:
         checkpoint = plan.checkpoint
@@ -184,22 +210,24 @@ class Trainer:
         # ICOT_PROGRESS_BAR=0: a stage run beside another (icot pipeline) leaves the terminal to its bar.
         bar = tqdm(total=self.steps, initial=self.progress.step, desc=self.stage.name, dynamic_ncols=True,
                    disable=not self.strategy.is_main or os.environ.get("ICOT_PROGRESS_BAR") == "0")
-        window_start, window_tokens = time.perf_counter(), 0
+        window = Progress()   # the steps since the last log line
         self.clock = (time.perf_counter(), self.progress.seconds)   # this process's start, the earlier ones' time
         # The bar is closed on every way out, so that an error message starts on a line of its own.
         with bar:
             while self.progress.step < self.steps:
-                record, tokens = self.optimizer_step()
-                window_tokens += tokens
+                before, started = Progress(**asdict(self.progress)), time.perf_counter()
+                record = self.optimizer_step()
+                self.progress.step_seconds += time.perf_counter() - started
+                for key in ("examples", "tokens", "step_seconds", "model_flops"):
+                    setattr(window, key, getattr(window, key) + getattr(self.progress, key) - getattr(before, key))
                 step = self.progress.step
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 if step % self.train_cfg.log_every == 0 or step == self.steps:
-                    elapsed = time.perf_counter() - window_start
-                    record["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
+                    record.update(window.throughput(self.strategy.world_size, self.peak_flops))
                     self.write_scalars("train", record, step)
                     self.log(f"step {step}/{self.steps} " + " ".join(f"{k} {v:.4g}" for k, v in record.items()))
-                    window_start, window_tokens = time.perf_counter(), 0
+                    window = Progress()
                 validation = None
                 if self.validation_due(step) and step < self.steps:
                     validation = self.validate(step)
@@ -223,7 +251,7 @@ class Trainer:
         self.save_checkpoint()
         return "done"
 
-    def optimizer_step(self) -> tuple[dict[str, float], int]:
+    def optimizer_step(self) -> dict[str, float]:
         """One optimizer step over this rank's micro batches; returns the all-reduced record."""
         step = self.progress.step
         global_batch = self.epoch_order(step)[step % self.steps_per_epoch]
@@ -236,7 +264,7 @@ class Trainer:
         indices = micro_batch_indices(global_batch, self.micro, self.accumulation, self.strategy.world_size,
                                       self.strategy.rank)
         sums: dict[str, float] = {}
-        tokens = 0
+        tokens = squared_lengths = 0
         lr = self.strategy.current_lr(self.engine)  # the rate this step uses (the scheduler moves on after it)
         for micro_indices in indices:
             features = examples_at(self.train_set, micro_indices)
@@ -247,8 +275,8 @@ class Trainer:
             info = self.strategy.backward_step(self.engine, metrics["loss"])
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + float(value.detach())
-            tokens += sum(int(part["attention_mask"].sum()) for part in batch.values()   # every row the batch holds
-                          if isinstance(part, dict) and "attention_mask" in part)
+            counted = self.stage.trained_tokens(batch)
+            tokens, squared_lengths = tokens + counted[0], squared_lengths + counted[1]
         record = self.strategy.all_reduce_mean({k: v / len(indices) for k, v in sums.items()})
         if "label_tokens" in record:
             record["token_accuracy"] = record.pop("correct_tokens") / max(record.pop("label_tokens"), 1e-9)
@@ -262,9 +290,11 @@ class Trainer:
             record["grad_norm"] = float(info.grad_norm)
         self.progress.step += 1
         self.progress.examples += self.train_cfg.batch_size
-        total_tokens = int(self.strategy.all_reduce_sum({"tokens": float(tokens)})["tokens"])
-        self.progress.tokens += total_tokens
-        return record, total_tokens
+        totals = self.strategy.all_reduce_sum({"tokens": float(tokens), "squares": float(squared_lengths)})
+        self.progress.tokens += int(totals["tokens"])
+        if self.model_flops is not None:
+            self.progress.model_flops += self.model_flops.step_flops(totals["tokens"], totals["squares"])
+        return record
 
     def epoch_order(self, step: int) -> np.ndarray:
         """The batch order of the epoch `step` is in, computed once per epoch (permuting the paper's 808k

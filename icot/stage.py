@@ -162,6 +162,15 @@ class Stage(ABC):
     def load_state_dict(self, state: dict) -> None:
         """Restore what `state_dict` returned, on resume."""
 
+    def trained_tokens(self, batch: dict) -> tuple[int, int]:
+        """(non-padding tokens, sum of squared row lengths) the trained model reads in a collated batch, for
+        tokens/s and MFU (`icot.flops`): every part with an attention mask, unless `trained_views` names
+        the views the trained model reads (the rest feed a frozen model)."""
+        from icot.flops import row_lengths
+
+        views = getattr(self, "trained_views", None)
+        return row_lengths(batch if views is None else {view: batch[view] for view in views})
+
     def collate_view(self, features: Sequence[dict], view: str) -> dict[str, torch.Tensor]:
         """The right-padded batch of one view, on the strategy's device."""
         return to_device(collate_train(features, view, self.separator_id), self.strategy.device)

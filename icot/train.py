@@ -158,6 +158,11 @@ def write_manifest(paths: Paths, config: StageConfig, inputs: dict[str, Path], e
         # The training loop's time over every process the stage ran in (a resumed stage's earlier ones
         # included, its set-up not): what `icot compare` reports as the stage's training time.
         "train_seconds": round(trainer.progress.seconds, 3),
+        # Over the optimizer steps only (icot.flops: the formula; mfu where the device's peak is known).
+        "throughput": {**trainer.progress.throughput(trainer.strategy.world_size, trainer.peak_flops),
+                       "step_seconds": round(trainer.progress.step_seconds, 6),
+                       "model_flops": trainer.progress.model_flops,
+                       "peak_flops_per_device": trainer.peak_flops},
         "started_at": round(started_at, 1),    # this run's process, set-up included (epoch seconds)
         "finished_at": round(time.time(), 1),
         "world_size": trainer.strategy.world_size,

@@ -9,6 +9,8 @@ from icot.stage import Stage, unwrap
 
 
 class EmulationStage(Stage):
+    trained_views = ("prompt",)   # the with-CoT view feeds the frozen teacher
+
     def build(self):
         options = self.config.icot_kd
         self.teacher = TeacherSource(self)

@@ -13,6 +13,7 @@ from icot.stage import Stage, lm_metrics, unwrap
 
 class MindReadingStage(Stage):
     generation_target = "nocot"
+    trained_views = ("nocot",)   # the with-CoT view feeds the frozen teacher
 
     def build(self):
         self.teacher = TeacherSource(self)
