@@ -59,6 +59,13 @@ GOALS = {
     "coconut_batched_over_reference_batch1": (">=", 5.0),
     "train_step_ratio": ("<=", 1.10),
 }
+# Decoding without Python overhead, on a GPU (a CPU's matmuls, not Python, bound its decoding): compiled
+# batch-1 decoding at GPT-2 Small's shape.
+GPU_GOALS = {
+    "no_cot_compiled_ms_per_token_batch1": ("<=", 1.5),
+    "implicit_compiled_ms_per_token_batch1": ("<=", 1.5),
+    "implicit_compiled_over_no_cot_compiled_batch1": (">=", 0.95),
+}
 GPT2_VOCAB = 50257
 
 
@@ -131,6 +138,32 @@ def reference_name(mode: str) -> str:
     return f"{mode}_reference"
 
 
+def compiled_name(mode: str) -> str:
+    return f"{mode}_compiled"
+
+
+def is_variant(name: str) -> bool:
+    """A mode decoded another way (its reference code's scheme, or compiled), timed as a mode of its own."""
+    return name.endswith(("_reference", "_compiled"))
+
+
+class CompiledScheme:
+    """A mode's model decoding with a static KV cache and a compiled step (`--decoding compiled` of icot
+    eval), timed as a mode of its own."""
+
+    def __init__(self, mode_model: ModeModel):
+        self.inner = mode_model
+        self.mode = compiled_name(mode_model.mode)
+        self.model, self.decoder = mode_model.model, mode_model.decoder
+
+    def generate(self, batch, max_new_tokens, synced=False):
+        self.inner.decoding = "compiled"
+        try:
+            return self.inner.generate(batch, max_new_tokens, synced)
+        finally:
+            self.inner.decoding = "eager"
+
+
 class ReferenceScheme:
     """A mode's model decoding as its reference code does (`generate_as_reference`: e.g. Coconut's batch-1
     decoding without a KV cache after the thoughts), timed as a mode of its own."""
@@ -193,9 +226,11 @@ def forced_length(decoder, separator_id: int) -> None:
     decoder.generation_config.suppress_tokens = [separator_id]
 
 
-def build_mode_models(shape: Shape, task: Task, seed: int, device: torch.device | str = "cpu") -> dict[str, ModeModel]:
+def build_mode_models(shape: Shape, task: Task, seed: int, device: torch.device | str = "cpu",
+                      compiled: bool = False) -> dict[str, ModeModel]:
     """Every registered mode's model, from random decoders of `shape` (in inference form, as icot eval
-    loads them); each generating decoder never emits the separator."""
+    loads them); each generating decoder never emits the separator. `compiled`: each mode's compiled
+    decoding beside it."""
     models = {}
     for mode in registry.mode_names():
         mode_class(mode).prepare_tokenizer(task.tokenizer)
@@ -206,6 +241,9 @@ def build_mode_models(shape: Shape, task: Task, seed: int, device: torch.device 
         forced_length(models[mode].decoder, task.separator_id)
         if hasattr(models[mode], "generate_as_reference"):
             models[reference_name(mode)] = ReferenceScheme(models[mode])
+        if compiled:
+            models[compiled_name(mode)] = CompiledScheme(models[mode])
+            task.new_tokens[compiled_name(mode)] = task.new_tokens[mode]
     return models
 
 
@@ -297,6 +335,8 @@ def measure_inference(task: Task, mm: dict[str, ModeModel], batch_sizes: list[in
             result["examples_per_s_cpu"][mode][b] = n / timing.seconds("cpu")
             result["seconds_wall"][mode][b] = timing.wall
             result["seconds_cpu"][mode][b] = timing.cpu
+            result.setdefault("ms_per_token", {}).setdefault(mode, {})[b] = (
+                1000 * timing.seconds(basis) / (n * task.new_tokens[mode]))
             log(f"  {task.name} {mode:10s} batch {size:3d}: {n / timing.seconds('wall'):8.2f} ex/s wall, "
                 f"{n / timing.seconds('cpu'):8.2f} ex/s cpu")
     return result
@@ -496,7 +536,7 @@ def measure_training(shape: Shape, task: Task, batch_size: int, steps: int, warm
     ms = {name: 1000 * _median(values) for name, values in chosen.items()}
     ms_wall = {name: 1000 * _median(values) for name, values in wall.items()}
     log(f"  training {shape.name} ({basis} time): " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items())
-        + f"; wall: " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms_wall.items())
+        + "; wall: " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms_wall.items())
         + f" (DeepSpeed optimizer {optimizer_name})")
     parameters = sum(p.numel() for p in hand_model.parameters())
     sequence_length = int(batches[0]["input_ids"].size(1))
@@ -517,6 +557,51 @@ def measure_training(shape: Shape, task: Task, batch_size: int, steps: int, warm
 
 
 # --------------------------------------------------------------------------------------------------
+# Every method's training throughput.
+
+
+def measure_methods(args: argparse.Namespace, device: torch.device, log) -> dict:
+    """Every method's stages trained `--method_steps` steps at the benchmark's shape by the real trainer
+    (`icot demo --method all` on its 3x2 task, the no-CoT baseline alone, bf16 on a GPU), then each
+    stage's throughput as its manifest records it: tokens/s, samples/s, model TFLOPS per device and MFU
+    over the optimizer steps (icot.flops). The vocabulary is the task's word tokenizer's, not GPT-2's."""
+    import subprocess
+    import sys
+
+    steps, batch = args.method_steps, args.method_batch
+    if steps < 1 or batch < 1:
+        raise UserError("icot bench: --method_steps and --method_batch must be at least 1")
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    with tempfile.TemporaryDirectory(prefix="icot-bench-methods-") as scratch:
+        out = Path(scratch) / "methods"
+        command = [sys.executable, "-m", "icot", "demo", "--method", "all", "--out", str(out), "--noparallel_baseline",
+                   "--train", str(max(64, 2 * batch * steps)), "--valid", "16", "--test", "16",
+                   "--eval_max_examples", "16", f"--model.family={args.family}", f"--model.layers={args.layers}",
+                   f"--model.hidden={args.hidden}", f"--model.heads={args.heads}",
+                   f"--model.max_positions={args.max_positions}", f"--train.batch_size={batch}",
+                   f"--train.max_steps={steps}", f"--train.log_every={steps}", "--train.eval_examples=4",
+                   f"--train.precision={precision}", "--stepwise.steps_per_token=1", "--coconut.steps_per_stage=1",
+                   "--coconut.max_latent_stage=2"]
+        if args.peak_tflops:
+            command.append(f"--train.peak_tflops={args.peak_tflops}")
+        if args.threads:
+            command.append(f"--train.threads={args.threads}")
+        log(f"[icot bench] training every method's stages, {steps} steps of {batch} at the shape ({precision})")
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"icot bench --methods: the training run failed (exit {result.returncode}):\n"
+                               f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        stages = {}
+        for manifest_path in sorted((out / "run").glob("*/manifest.json")):
+            manifest = json.loads(manifest_path.read_text())
+            stages[manifest["stage"]] = {"method": manifest["method"], "steps": manifest["steps"],
+                                         "tokens": manifest["tokens"], **manifest.get("throughput", {})}
+    order = [spec.name for spec in registry.plan([m.name for m in registry.methods() if not m.shared])]
+    return {"precision": precision, "steps": steps, "batch_size": batch,
+            "stages": {name: stages[name] for name in order if name in stages}}
+
+
+# --------------------------------------------------------------------------------------------------
 # Ratios, goals, table.
 
 
@@ -532,7 +617,12 @@ def inference_ratios(inference: dict, batched: int, key: str = "examples_per_s")
     references = reference_modes()
     ratios = {}
     for mode in eps:
-        if mode in references or reference_name(mode) in references or mode.endswith("_reference"):
+        if compiled_name(mode) in eps:   # compiled decoding against the same mode's eager decoding
+            for suffix, size in (("batch1", "1"), ("batched", str(batched))):
+                ratios[f"{compiled_name(mode)}_over_{mode}_{suffix}"] = eps[compiled_name(mode)][size] / eps[mode][size]
+        if mode.endswith("_compiled") and mode != compiled_name("no_cot") and compiled_name("no_cot") in eps:
+            ratios[f"{mode}_over_{compiled_name('no_cot')}_batch1"] = eps[mode]["1"] / eps[compiled_name("no_cot")]["1"]
+        if mode in references or reference_name(mode) in references or is_variant(mode):
             continue
         for reference in references:
             for suffix, size in (("batch1", "1"), ("batched", str(batched))):
@@ -547,11 +637,13 @@ def _met(op: str, value: float, goal: float) -> bool:
     return value >= goal if op == ">=" else value <= goal
 
 
-def goal_checks(ratios: dict) -> list[dict]:
+def goal_checks(ratios: dict, gpu: bool = False) -> list[dict]:
+    """Each goal against its value; the decoding-overhead goals on a GPU only."""
+    goals = {**GOALS, **(GPU_GOALS if gpu else {})}
     checks = []
     for task, values in ratios.get("inference", {}).items():
-        for key in (k for k in values if k in GOALS):
-            goal = GOALS[key]
+        for key in (k for k in values if k in goals):
+            goal = goals[key]
             if isinstance(goal, dict):
                 goal = goal.get(task)
                 if goal is None:
@@ -574,14 +666,17 @@ def format_table(report: dict) -> str:
         basis = report["timing_basis"]
         lines.append(f"examples/s from {basis} time (median of {report['settings']['repeats']}); "
                      f"wall-clock in brackets")
-        lines.append(f"{'task':6s} {'mode':17s} {'new tokens':>10s} {'batch 1':>18s} {'batch ' + str(batched):>18s}")
+        lines.append(f"{'task':6s} {'mode':18s} {'new tokens':>10s} {'batch 1':>18s} {'batch ' + str(batched):>18s} "
+                     f"{'ms/token b1':>12s}")
         for task in tasks:
             entry = report["tasks"][task]
             for mode in entry["inference"]["examples_per_s"]:
                 eps = entry["inference"]["examples_per_s"][mode]
                 wall = entry["inference"]["examples_per_s_wall"][mode]
-                lines.append(f"{task:6s} {mode:17s} {entry['new_tokens'][mode]:10d} "
-                             f"{eps['1']:8.2f} ({wall['1']:7.2f}) {eps[str(batched)]:8.2f} ({wall[str(batched)]:7.2f})")
+                per_token = entry["inference"].get("ms_per_token", {}).get(mode, {}).get("1")
+                lines.append(f"{task:6s} {mode:18s} {entry['new_tokens'][mode]:10d} "
+                             f"{eps['1']:8.2f} ({wall['1']:7.2f}) {eps[str(batched)]:8.2f} ({wall[str(batched)]:7.2f}) "
+                             + (f"{per_token:12.3f}" if per_token is not None else ""))
         lines.append("")
         lines.append(f"{'ratio':48s}" + "".join(f"{t:>9s}" for t in tasks) + "   goal")
         keys = list(report["ratios"]["inference"][tasks[0]])
@@ -590,13 +685,26 @@ def format_table(report: dict) -> str:
         goals = {key: ", ".join(f"{op} {value}" + (f" ({t})" if t else "") for t, (op, value) in
                                 (GOALS[key].items() if isinstance(GOALS[key], dict) else [("", GOALS[key])]))
                  for key in keys if key in GOALS}
+        goals.update({key: f"{op} {value} (on a GPU)" for key, (op, value) in GPU_GOALS.items() if key in keys})
         for key, label in names.items():
             values = "".join(f"{report['ratios']['inference'][t][key]:9.2f}" for t in tasks)
             lines.append(f"{label:48s}{values}   {goals.get(key, '')}")
         if basis != "wall":
             for key, label in names.items():
+                if any(key not in report["ratios"]["inference_wall"][t] for t in tasks):
+                    continue
                 values = "".join(f"{report['ratios']['inference_wall'][t][key]:9.2f}" for t in tasks)
                 lines.append(f"{'  wall-clock: ' + label:48s}{values}")
+    if report.get("methods"):
+        methods = report["methods"]
+        lines.append("")
+        lines.append(f"training throughput per stage ({methods['steps']} steps of {methods['batch_size']}, "
+                     f"{methods['precision']}; MFU where the device's peak is known)")
+        lines.append(f"{'method':10s} {'stage':14s} {'tokens/s':>10s} {'samples/s':>10s} {'TFLOPS/dev':>11s} {'MFU':>7s}")
+        for stage, entry in methods["stages"].items():
+            mfu = f"{100 * entry['mfu']:6.1f}%" if entry.get("mfu") is not None else f"{'n/a':>7s}"
+            lines.append(f"{entry['method']:10s} {stage:14s} {entry['tokens_per_s']:10.1f} {entry['samples_per_s']:10.2f} "
+                         f"{entry['model_tflops_per_device']:11.4f} {mfu}")
     if report.get("training"):
         lines.append("")
         lines.append(f"{'training step (ms, ' + report['timing_basis'] + ')':22s} {'hand':>9s} {'icot':>9s} "
@@ -641,6 +749,16 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip_inference", action="store_true")
     p.add_argument("--skip_profile", action="store_true")
     p.add_argument("--skip_train", action="store_true")
+    p.add_argument("--skip_compiled", action="store_true",
+                   help="time eager decoding only (default: every mode also with a static KV cache and a compiled "
+                        "one-token step, as icot eval --decoding compiled; the compilation runs in the warm-up)")
+    p.add_argument("--methods", action="store_true",
+                   help="also train every method's stages a few steps at the shape (icot demo --method all, the "
+                        "no-CoT baseline alone) and report each stage's tokens/s, samples/s, model TFLOPS and MFU")
+    p.add_argument("--method_steps", type=int, default=4, help="optimizer steps per stage with --methods")
+    p.add_argument("--method_batch", type=int, default=8, help="batch size per stage with --methods")
+    p.add_argument("--peak_tflops", type=float,
+                   help="the device's peak dense TFLOPS for MFU (default: icot's table of known GPUs; none on a CPU)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--timing", default="auto", choices=("auto", "wall", "cpu"),
                    help="what the ratios are computed from: wall-clock time, or this process's CPU time (robust "
@@ -690,7 +808,7 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
     if not args.skip_inference:
         for name, task in built.items():
             log(f"[icot bench] {name}: prompt {task.prompt_len} tokens, new tokens {task.new_tokens}")
-            mm = build_mode_models(shape, task, args.seed, device)
+            mm = build_mode_models(shape, task, args.seed, device, compiled=not args.skip_compiled)
             entry = {"prompt_tokens": task.prompt_len, "new_tokens": task.new_tokens,
                      "inference": measure_inference(task, mm, batch_sizes, args.repeats, basis, log, device)}
             if not args.skip_profile:
@@ -700,6 +818,10 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
                                     for mode, model in mm.items() if isinstance(model.model, CoupledModel)}
             report["tasks"][name] = entry
             report["ratios"]["inference"][name] = inference_ratios(entry["inference"], args.batch_size)
+            for mode in ("no_cot", "implicit"):   # the GPU goals' per-token times
+                if compiled_name(mode) in entry["inference"]["ms_per_token"]:
+                    report["ratios"]["inference"][name][f"{compiled_name(mode)}_ms_per_token_batch1"] = (
+                        entry["inference"]["ms_per_token"][compiled_name(mode)]["1"])
             report["ratios"]["inference_wall"][name] = inference_ratios(entry["inference"], args.batch_size,
                                                                         "examples_per_s_wall")
             del mm
@@ -725,7 +847,9 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
         finally:
             if not had_group and dist.is_initialized():
                 dist.destroy_process_group()
-    report["goals"] = goal_checks(report["ratios"])
+    if args.methods:
+        report["methods"] = measure_methods(args, device, log)
+    report["goals"] = goal_checks(report["ratios"], gpu=device.type == "cuda")
     if hasattr(os, "getloadavg"):
         report["machine"]["load_average_at_end"] = list(os.getloadavg())
     return report

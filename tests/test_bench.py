@@ -42,18 +42,26 @@ def test_bench_writes_every_ratio(tmp_path):
     report = json.loads(out.read_text())
     for task in ("2x2", "4x4"):
         ratios = report["ratios"]["inference"][task]
+        modes = ("no_cot", "explicit", "implicit", "stepwise", "coconut", "codi")
         assert set(ratios) == {f"{mode}_over_{reference}_{size}" for mode in ("implicit", "stepwise", "coconut", "codi")
                                for reference in ("no_cot", "explicit") for size in ("batch1", "batched")} | {
-            "coconut_batched_over_reference_batch1", "coconut_batch1_over_reference_batch1"}
+            "coconut_batched_over_reference_batch1", "coconut_batch1_over_reference_batch1"} | {
+            f"{mode}_compiled_over_{mode}_{size}" for mode in modes for size in ("batch1", "batched")} | {
+            f"{mode}_compiled_over_no_cot_compiled_batch1" for mode in modes if mode != "no_cot"} | {
+            "no_cot_compiled_ms_per_token_batch1", "implicit_compiled_ms_per_token_batch1"}
         assert all(value > 0 for value in ratios.values())
         eps = report["tasks"][task]["inference"]["examples_per_s"]
-        assert set(eps) == {"no_cot", "explicit", "implicit", "stepwise", "coconut", "coconut_reference", "codi"}
+        # Every mode eager and compiled (a static KV cache and a compiled step), and Coconut's reference scheme.
+        assert set(eps) == {*modes, *(f"{mode}_compiled" for mode in modes), "coconut_reference"}
         assert all(set(v) == {"1", "2"} for v in eps.values())
+        per_token = report["tasks"][task]["inference"]["ms_per_token"]
+        assert set(per_token) == set(eps) and all(value["1"] > 0 for value in per_token.values())
         assert "ms_per_example" in report["tasks"][task]["profile"]["implicit"]["1"]
     assert set(report["ratios"]["train_step"]) == {"tiny", "2x32"}
     for entry in report["training"].values():
         assert set(entry["ms_per_step"]) == {"hand_step", "icot_strategy_step", "icot_trainer_step"}
     names = {check["name"] for check in report["goals"]}
+    assert not any("ms_per_token" in name for name in names)   # the decoding-overhead goals are a GPU's
     assert "implicit_over_explicit_batch1 (4x4)" in names and "implicit_over_explicit_batch1 (2x2)" not in names
     assert "coconut_batched_over_reference_batch1 (4x4)" in names
     assert {"train_step_ratio (tiny)", "train_step_ratio (2x32)"} <= names
@@ -117,3 +125,28 @@ def test_divergence_gap_finds_where_two_decodings_part_and_their_logit_gap():
         logits = decoder(input_ids=ids, attention_mask=mask, position_ids=positions).logits[0, -1]
     expected = (logits[reference[1, 2]] - logits[other[1, 2]]).abs().item()
     assert (row, step) == (1, 2) and abs(gap - expected) < 1e-5 and gap > NEAR_TIE * scale
+
+
+def test_bench_trains_every_method_and_reports_throughput_per_stage(tmp_path):
+    """`--methods`: every method's stages trained by the real trainer at the shape; each stage's tokens/s,
+    samples/s, model TFLOPS and (with a peak given) MFU, as its manifest records them."""
+    from icot import registry
+
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "icot", "bench", "--layers", "2", "--hidden", "32", "--heads", "2",
+               "--skip_inference", "--skip_train", "--methods", "--method_steps", "2", "--method_batch", "4",
+               "--peak_tflops", "1.5", "--threads", "1", "--out", str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    report = json.loads(out.read_text())
+    stages = report["methods"]["stages"]
+    assert list(stages) == [spec.name for spec in registry.plan(["icot_kd", "stepwise", "coconut", "codi"])]
+    for name, entry in stages.items():
+        assert entry["steps"] == 2 and entry["tokens"] > 0, name
+        assert entry["tokens_per_s"] > 0 and entry["samples_per_s"] > 0, name
+        assert entry["mfu"] == pytest.approx(entry["model_tflops_per_device"] / 1.5), name
+    table = proc.stdout.split("training throughput per stage")[1]
+    assert all(f" {name} " in table for name in stages)
