@@ -221,3 +221,48 @@ def test_codi_recipes_follow_the_reference_scripts(name):
     for shared in ("teacher", "no_cot"):   # a full fine-tune's settings, not the adapters'
         stage = load_stage_config(shared, recipe)
         assert stage.train.lr < 1e-3 and stage.train.schedule == "constant"
+
+
+# --------------------------------------------------------------------------------------------------
+# Bai et al. 2025 (arXiv 2510.00184): the from-scratch 4x4 reproduction and its shortened variant.
+
+
+def test_bai_reproduction_is_their_model_from_scratch_with_the_reference_schedule():
+    recipe = str(RECIPES / "stepwise_bai_4x4.yaml")
+    assert load_methods(recipe) == ["stepwise"]
+    plan = [spec.name for spec in registry.plan(load_methods(recipe))]
+    assert "no_cot" in plan and "stepwise" in plan   # the fine-tuning baseline beside it
+    stepwise, no_cot = load_stage_config("stepwise", recipe), load_stage_config("no_cot", recipe)
+    for config in (stepwise, no_cot):
+        model = config.model
+        # ajyl/icot ckpts/2L4H/config.json: GPT-2, 2 layers, 4 heads, 768 wide, dropout 0.1; from scratch.
+        assert (model.family, model.layers, model.heads, model.hidden, model.dropout) == ("gpt2", 2, 4, 768, 0.1)
+        assert model.name_or_path is None and model.tokenizer == "data/4_by_4_mult/tokenizer"
+        assert config.data.test == "data/4_by_4_mult/test_bigbench.txt"
+    options, train = stepwise.stepwise, stepwise.train
+    # ICoT-SI's README schedule for multiplication (4x4 as 9x9, issue #7).
+    assert (options.start, options.remove_per_epoch, options.smoothing_lambda, options.side) == ("base", 8, 4, "left")
+    assert (options.pretrain_epochs, options.reset_optimizer, options.remove_all_beyond) == (0, True, None)
+    assert options.steps_per_token == [] and options.advance_at_loss is None and not options.keep_position
+    assert (train.lr, train.batch_size, train.schedule, train.epochs, train.precision) == (5e-5, 32, "constant", 200, "fp32")
+    assert (train.grad_clip, train.seed, train.max_steps) == (1.0, 3456, None)
+    assert no_cot.train.epochs == train.epochs   # the baseline trains as long
+
+
+def test_bai_short_variant_keeps_the_model_and_fits_ten_minutes_of_steps():
+    full, short = str(RECIPES / "stepwise_bai_4x4.yaml"), str(RECIPES / "stepwise_bai_4x4_short.yaml")
+    stages = {name: load_stage_config(name, short) for name in ("teacher", "no_cot", "stepwise")}
+    reference = load_stage_config("stepwise", full).model
+    for config in stages.values():
+        model = config.model
+        assert (model.family, model.layers, model.heads, model.hidden) == (reference.family, reference.layers,
+                                                                          reference.heads, reference.hidden)
+        assert model.name_or_path is None and config.train.precision == "bf16"
+    options = stages["stepwise"].stepwise
+    assert options.start == "teacher" and options.advance_at_loss == 0.05
+    # Every one of the 46 CoT tokens of 4x4 goes within the stage's steps, with room for the final decay.
+    assert 46 * options.steps_per_token[0] < stages["stepwise"].train.max_steps
+    steps = sum(config.train.max_steps for config in stages.values())
+    # The header's size: 32,000 steps; at the ~7.5 ms a step it estimates, under 10 minutes with the eval.
+    assert steps == 32_000 and steps * 7.5e-3 < 6 * 60
+    assert stages["no_cot"].train.max_steps >= stages["stepwise"].train.max_steps + stages["teacher"].train.max_steps
