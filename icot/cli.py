@@ -24,7 +24,7 @@ def raw_overrides(argv: list[str], skip: int) -> list[str]:
 
 
 class DataCommands:
-    """Generate and validate task data."""
+    """Generate, validate and convert task data."""
 
     def multiply(self, digits=None, digits_a=None, digits_b=None, train=808000, valid=1000, test=1000,
                  seed=0, out="data/mult", format="txt", layout="paper", exclude=()):
@@ -42,10 +42,38 @@ class DataCommands:
                             exclude=exclude)
 
     def check(self, *files, skip_bad=False):
-        """Validate data files: format for all, and re-derive multiplication lines from operands."""
+        """Validate data: format for all, and re-derive multiplication lines from operands.
+
+        Args:
+          files: text files of INPUT||COT #### ANSWER lines, Coconut JSON lists or dataset folders, each
+            read as `icot data convert --help` says. A bad line is named by file and line, a bad record
+            by file, record index (from 0) and the key at fault.
+          skip_bad: count malformed lines or records instead of failing on them.
+        """
         from icot.data.check import check_files_cli
 
         check_files_cli(list(files), skip_bad=skip_bad)
+
+    def convert(self, source=None, out=None, skip_bad=False):
+        """Write any data icot reads as its text lines: icot data convert SOURCE --out FILE.txt.
+
+        The format of SOURCE is read from SOURCE itself, as data.train/valid/test are read. A record
+        becomes the line question||cot #### answer, its steps joined by single spaces (Coconut split
+        GSM8K-Aug's CoT on them, so its equations come back as they were).
+
+        Args:
+          source: the data to convert, in one of three formats. A text file of INPUT||COT #### ANSWER
+            lines. A JSON file holding a list of records with the keys question, steps (a list of
+            strings) and answer, as Coconut writes them; other keys are ignored. A `datasets` folder of
+            one split with the columns question, cot (or steps) and answer, as CODI's GSM8k-Aug; that is
+            a saved Dataset, the folder of one split of a saved DatasetDict, or parquet, json or csv files.
+          out: the text file to write, never SOURCE. It is replaced only once every example is written,
+            so an error leaves an existing file as it was.
+          skip_bad: skip malformed lines or records (counted) instead of stopping at the first.
+        """
+        from icot.data.convert import convert_cli
+
+        convert_cli(source, out=out, skip_bad=skip_bad)
 
 
 class TokenizerCommands:

@@ -103,13 +103,19 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: Optional[str] = option(None, path=True, help="training file of INPUT||COT #### ANSWER lines")
-    valid: Optional[str] = option(None, resumable=True, path=True, help="validation file (loss, token accuracy and decoded "
+    train: Optional[str] = option(None, path=True, help="training data, its format read from it: a file of "
+                                                        "INPUT||COT #### ANSWER lines, a Coconut JSON list of "
+                                                        "question/steps/answer records, or a dataset folder "
+                                                        "with question, cot (or steps), answer columns (CODI); "
+                                                        "icot data convert --help")
+    valid: Optional[str] = option(None, resumable=True, path=True, help="validation data, in any format data.train "
+                                                             "takes (loss, token accuracy and decoded "
                                                              "accuracy during training); null: no validation")
-    test: Optional[str] = option(None, resumable=True, path=True, help="test file, evaluated by icot pipeline after the stages")
-    max_train_examples: Optional[int] = option(None, minimum=0, help="use the first N training lines only")
+    test: Optional[str] = option(None, resumable=True, path=True, help="test data, in any format data.train takes, "
+                                                                   "evaluated by icot pipeline after the stages")
+    max_train_examples: Optional[int] = option(None, minimum=0, help="use the first N training examples only")
     max_eval_examples: Optional[int] = option(None, minimum=0, resumable=True,
-                                              help="use the first N validation lines only")
+                                              help="use the first N validation examples only")
     max_length: int = option(1024, minimum=1, help="longest with-CoT view (tokens) an example may have; the "
                                                    "model's positions bound it too (see data.overlength)")
     overlength: Literal["drop", "error"] = option(

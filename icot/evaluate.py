@@ -498,7 +498,7 @@ def evaluate_mode(mode: str, folder_or_run: str | os.PathLike, data_path: str | 
     """
     started = time.perf_counter()
     registry.get_mode(mode)
-    if not Path(data_path).is_file():
+    if not Path(data_path).exists():
         raise UserError(f"{data_path}: no such data file")
     device = _default_device(strategy)
     mode_model = load_mode_model(mode, folder_or_run, device)
@@ -530,7 +530,8 @@ def eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", required=True, choices=registry.mode_names(),
                         help="the mode to evaluate (each reads the export of the stage that serves it: " +
                              ", ".join(f"{m.name} <- {registry.get_mode(m.name)[1].name}" for m in registry.modes()) + ")")
-    parser.add_argument("--data", required=True, help="a data file of INPUT||COT #### ANSWER lines")
+    parser.add_argument("--data", required=True, help="a data file of INPUT||COT #### ANSWER lines, a Coconut JSON "
+                                                      "list or a dataset folder (icot data convert --help)")
     parser.add_argument("--run_dir", help="a run folder: the mode's stage export is read from it")
     parser.add_argument("--model", help="an export (or stage) folder; overrides --run_dir")
     parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="the batched size (default 32)")
@@ -594,7 +595,7 @@ def evaluate_cli(overrides: list[str]) -> None:
         if not mode_class(args.mode).holds(folder):
             raise UserError(f"{folder}: no {args.mode} export; train the {stage} stage first "
                             f"(icot train {stage}) or pass --model")
-    if not Path(args.data).is_file():
+    if not Path(args.data).exists():
         raise UserError(f"--data: {args.data}: no such data file")
     if args.out:   # checked now, not after the whole evaluation
         check_output_file(Path(args.out), "--out")

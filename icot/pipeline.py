@@ -51,26 +51,23 @@ class Progress:
 
 def planned_steps(config) -> int:
     """Optimizer steps the stage will run (for the time estimate): max_steps or epochs x batches."""
+    from icot.data.reader import count_examples
+
     if config.train.max_steps is not None:
         return config.train.max_steps
-    lines = count_lines(config.data.train) if config.data.train else 0
+    lines = count_examples(config.data.train) if config.data.train else 0
     if config.data.max_train_examples is not None:
         lines = min(lines, config.data.max_train_examples)
     return max(1, int(config.train.epochs * (lines // config.train.batch_size)))
 
 
-def count_lines(path: str) -> int:
-    with open(path, "rb") as handle:
-        return sum(1 for line in handle if line.strip())
-
-
 def view_tokens(path: str | None, sample: int = 1000) -> dict[str, float] | None:
-    """Mean words per view (with-CoT, without-CoT, prompt, separators included) from the first lines of a
-    local data file, a stand-in for tokens that needs no tokenizer; None for a hub dataset or an
-    unreadable file."""
+    """Mean words per view (with-CoT, without-CoT, prompt, separators included) from the first examples of
+    local data (a file or a dataset folder), a stand-in for tokens that needs no tokenizer; None for a hub
+    dataset or unreadable data."""
     from icot.data.reader import iter_examples
 
-    if not path or not Path(path).is_file():
+    if not path or not Path(path).exists():
         return None
     totals, count = [0, 0, 0], 0
     try:
@@ -271,7 +268,7 @@ def check_before_training(config, recipe: str | None, overrides: list[str], stag
             raise UserError(f"--eval_max_examples: must be at least 1, got {eval_max_examples}")
         if config.data.test is None:
             raise UserError("data.test: the pipeline evaluates on the test split; name a file")
-        if not Path(config.data.test).is_file():
+        if not Path(config.data.test).exists():
             raise UserError(f"data.test: no such file {config.data.test}")
     check_stages([c for c in configs if not (Paths.of(c).root / DONE_MARKER).exists()])
 

@@ -339,13 +339,13 @@ def check_rows_fit(stage: Stage, limit: int | None, splits: dict[str, object]) -
 
 def check_steps(config: StageConfig, train_set, log) -> None:
     """For a stage that replaces or drops whole CoT steps: `data.steps` must fit the training CoTs (the first
-    thousand lines of a local file are read) and find a step in most examples; the step counts are logged."""
+    thousand examples of local data are read) and find a step in most examples; the step counts are logged."""
     from icot.data.reader import iter_examples
     from icot.data.steps import describe_counts, rule_problem
     from icot.data.views import list_lengths
 
     path, rule = config.data.train, config.data.steps
-    if path and Path(path).is_file() and rule != "auto":
+    if path and Path(path).exists() and rule != "auto":
         cots = []
         for _, example in iter_examples(path, skip_bad=True):
             cots.append(example.cot)

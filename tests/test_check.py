@@ -204,7 +204,7 @@ def test_missing_and_empty_files_fail_but_the_rest_are_checked(generated, tmp_pa
     ("a", ["b"], (True, ["a", "b"])),  # `--skip_bad a b`: Fire took the first file as the flag's value
 ])
 def test_skip_bad_as_fire_hands_it_over(flag, files, expected):
-    assert check._skip_bad_and_files(flag, files) == expected
+    assert check.skip_bad_and_files(flag, files) == expected
 
 
 def test_no_files_is_a_user_error():

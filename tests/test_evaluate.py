@@ -317,6 +317,21 @@ def test_folders_can_be_named_by_run_stage_or_export(tiny_run, references):
         assert result["predictions"] == references["no_cot"]["answers"][:3]
 
 
+def test_a_coconut_list_or_a_dataset_folder_is_evaluated_as_its_text_lines(tiny_run, references, tmp_path):
+    import datasets
+
+    records = [{"question": e.question, "steps": e.cot.split(" "), "answer": e.answer}
+               for _, e in iter_examples(tiny_run["test"])]
+    coconut = tmp_path / "test.json"
+    coconut.write_text(json.dumps(records))
+    folder = tmp_path / "test_dataset"
+    datasets.Dataset.from_list(records).save_to_disk(str(folder))
+    for path in (coconut, folder):
+        result = evaluate_mode("no_cot", tiny_run["run"], path, batch_sizes=(4,), max_examples=3,
+                               return_predictions=True)
+        assert result["predictions"] == references["no_cot"]["answers"][:3]
+
+
 # --------------------------------------------------------------------------------------------------
 # Command line.
 

@@ -1,6 +1,7 @@
 """`icot data check`: validate data files before a run spends hours on them.
 
-Every line must parse as `INPUT||COT #### ANSWER`. Multiplication lines (input shaped like
+Every line must parse as `INPUT||COT #### ANSWER`, and every record of a Coconut JSON list or a dataset
+folder must be one such line's example (`icot.data.records`). Multiplication lines (input shaped like
 `1 3 4 5 * 8 1 9 3`) are also re-derived from their operands and must match exactly; the first
 mismatch per file is reported, since one usually means the whole file was made by another rule.
 """
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 from itertools import zip_longest
 
 from icot.data.multiply import digits_from_inputs, multiplication_shape, render_rows
-from icot.data.reader import Example, ExampleStream, parse_line
+from icot.data.reader import Example, ExampleStream, format_line, parse_line, place
 from icot.errors import UserError
 
 # Multiplication lines are re-rendered this many at a time (vectorised), keeping memory bounded.
@@ -23,27 +24,30 @@ CHECK_BATCH_LINES = 1 << 14
 class FileReport:
     path: str
     skip_bad: bool = False
+    unit: str = "line"  # what a number counts: `line`, or `record` in a JSON list or a dataset folder
     examples: int = 0
     multiplication_lines: int = 0  # re-derived and matching
     malformed_lines: int = 0
     mismatch_found: bool = False  # after the first mismatch, multiplication lines are no longer re-derived
-    problems: list[tuple[int, str]] = field(default_factory=list)  # (line number, or 0 for the file; text)
+    problems: list[tuple[int | None, str]] = field(default_factory=list)  # (line or record, None for the file; text)
 
     def add_file_problem(self, error: UserError) -> None:
-        self.problems.append((0, str(error).removeprefix(f"{self.path}: ")))
+        self.problems.append((None, str(error).removeprefix(f"{self.path}: ")))
 
     def problem_lines(self) -> list[str]:
-        """`FILE:LINE: problem` in line order, then `FILE: problem` for the file as a whole."""
-        in_order = sorted(self.problems, key=lambda problem: (problem[0] == 0, problem))  # file-level last
-        return [f"{self.path}:{line}: {text}" if line else f"{self.path}: {text}" for line, text in in_order]
+        """`FILE:LINE: problem` (`FILE: record N: problem`) in order, then `FILE: problem` for the file as a
+        whole."""
+        in_order = sorted(self.problems, key=lambda problem: (problem[0] is None, problem[0] or 0, problem[1]))
+        return [f"{place(self.path, number, self.unit)}: {text}" if number is not None else f"{self.path}: {text}"
+                for number, text in in_order]
 
     def summary(self) -> str:
         verdict = f"FAILED ({len(self.problems)} problem(s))" if self.problems else "ok"
         details = f"{self.examples} examples"
         if self.multiplication_lines:
-            details += f", {self.multiplication_lines} multiplication lines re-derived"
+            details += f", {self.multiplication_lines} multiplication {self.unit}s re-derived"
         if self.malformed_lines:
-            details += f", {self.malformed_lines} malformed lines" + (" skipped" if self.skip_bad else "")
+            details += f", {self.malformed_lines} malformed {self.unit}s" + (" skipped" if self.skip_bad else "")
         return f"{verdict}: {self.path}: {details}"
 
 
@@ -56,9 +60,10 @@ def check_file(path, skip_bad: bool = False) -> FileReport:
     except UserError as err:
         report.add_file_problem(err)
         return report
+    report.unit = stream.unit
     try:
         _check_examples(stream, report)
-    except UserError as err:  # a file without examples
+    except UserError as err:  # a file without examples, or one that is not a JSON list after all
         report.add_file_problem(err)
     _record_malformed(stream, report)
     return report
@@ -70,8 +75,8 @@ def _record_malformed(stream: ExampleStream, report: FileReport) -> None:
         return
     report.problems += stream.bad_lines
     if stream.skipped > len(stream.bad_lines):
-        report.problems.append((0, f"{stream.skipped - len(stream.bad_lines)} more malformed lines "
-                                   f"after line {stream.bad_lines[-1][0]}"))
+        report.problems.append((None, f"{stream.skipped - len(stream.bad_lines)} more malformed {stream.unit}s "
+                                      f"after {stream.unit} {stream.bad_lines[-1][0]}"))
 
 
 def _check_examples(stream: ExampleStream, report: FileReport) -> None:
@@ -106,7 +111,7 @@ def _check_multiplication_batch(batch: list[tuple[int, Example]], layout: tuple[
     a_digits, b_digits = digits_from_inputs([example.question for _, example in batch], *shape)
     expected_lines = render_rows(a_digits, b_digits, layout_name).tobytes().decode("ascii").splitlines()
     for matching, ((line_number, found), expected_line) in enumerate(zip(batch, expected_lines)):
-        if expected_line != f"{found.question}||{found.cot} #### {found.answer}":
+        if expected_line != format_line(found):
             report.problems.append((line_number, describe_mismatch(parse_line(expected_line), found)))
             report.multiplication_lines += matching
             report.mismatch_found = True
@@ -127,8 +132,9 @@ def describe_mismatch(expected: Example, found: Example) -> str:
 
 
 def check_files_cli(files, skip_bad: bool = False) -> None:
-    """`icot data check FILE...`: one summary line per file; problems as FILE:LINE: problem on stderr."""
-    skip_bad, files = _skip_bad_and_files(skip_bad, [str(path) for path in files])
+    """`icot data check FILE...`: one summary line per file; problems as FILE:LINE: problem (FILE: record N:
+    problem) on stderr."""
+    skip_bad, files = skip_bad_and_files(skip_bad, [str(path) for path in files])
     if not files:
         raise UserError("give at least one data file to check")
     failed = False
@@ -142,7 +148,7 @@ def check_files_cli(files, skip_bad: bool = False) -> None:
         raise SystemExit(1)
 
 
-def _skip_bad_and_files(skip_bad, files: list[str]) -> tuple[bool, list[str]]:
+def skip_bad_and_files(skip_bad, files: list[str]) -> tuple[bool, list[str]]:
     """Fire reads `--skip_bad FILE ...` as skip_bad=FILE and `--skip_bad=true` as a string: undo both."""
     if isinstance(skip_bad, bool):
         return skip_bad, files

@@ -216,14 +216,14 @@ def pair_keys(a_rows: np.ndarray, b_rows: np.ndarray) -> list[bytes]:
 
 def excluded_pairs(files, digits_a: int, digits_b: int) -> set[bytes]:
     """The operand pairs of data files (every line a digits_a x digits_b multiplication), as `pair_keys`."""
-    from icot.data.reader import iter_examples
+    from icot.data.reader import DataFormatError, iter_examples
 
     questions = []
     for path in files:
         for line_number, example in iter_examples(path):
             if multiplication_shape(example.question) != (digits_a, digits_b):
-                raise UserError(f"{path}:{line_number}: --exclude: not a {digits_a}x{digits_b}-digit "
-                                f"multiplication: {example.question[:80]!r}")
+                raise DataFormatError(path, line_number, f"--exclude: not a {digits_a}x{digits_b}-digit "
+                                                         f"multiplication: {example.question[:80]!r}")
             questions.append(example.question)
     return set(pair_keys(*digits_from_inputs(questions, digits_a, digits_b))) if questions else set()
 

@@ -1,13 +1,19 @@
-"""The one reader for `INPUT||COT #### ANSWER` files (multiplication and GSM8K-Aug alike).
+"""The one reader of task data: `INPUT||COT #### ANSWER` text files (multiplication and GSM8K-Aug
+alike), and the reference repositories' formats, which `data_format` tells apart by reading the path:
+a folder is a `datasets` dataset (CODI's), a file that opens with a JSON list is Coconut's, anything
+else is text lines. The records of the other two become the examples their text lines would
+(`icot.data.records`).
 
-Files are streamed line by line, never held as a list: GSM8K-Aug has about 385k lines and generated
-multiplication 808k. A malformed line stops reading with an error naming file, line and problem, or,
-with skip_bad, is skipped and counted. `load_examples` streams the same rows into a cached Arrow
-`datasets.Dataset`; `load_hf_dataset` takes a dataset that already exists (on disk or by name).
+Files are streamed line by line (or record by record), never held as a list: GSM8K-Aug has about 385k
+lines and generated multiplication 808k. A malformed line stops reading with an error naming file, line
+and problem (a record: file, record index, key and problem), or, with skip_bad, is skipped and counted.
+`load_examples` streams the same rows into a cached Arrow `datasets.Dataset`; `load_hf_dataset` takes a
+dataset that already exists (on disk or by name) with columns named by the caller.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import re
@@ -18,28 +24,69 @@ from icot.errors import UserError
 
 QUESTION_SEPARATOR = "||"
 ANSWER_MARKER = "####"   # before the answer, in data lines and in every sequence view
-COLUMNS = ("question", "cot", "answer")   # and `line`, the file line of each example
+COLUMNS = ("question", "cot", "answer")   # and `line`, the file line (or record index) of each example
 # Bad lines kept with their problem for reporting; beyond this only the count grows.
 MAX_RECORDED_BAD_LINES = 100
 # Part of the cache fingerprint: bump when parsing changes, so cached datasets are rebuilt.
-READER_VERSION = 2
+READER_VERSION = 3
+FORMATS = ("lines", "json", "dataset")   # what `data_format` answers
+# The first bytes of a file are enough to tell a JSON list from text lines.
+FORMAT_PROBE_BYTES = 4096
 
 _log = logging.getLogger(__name__)
 
 
 class DataFormatError(UserError):
-    """A malformed line: `FILE:LINE: problem` (`FILE: problem` where the line is not known)."""
+    """A malformed example: `FILE:LINE: problem` in a text file, `FILE: record N: problem` in a JSON list
+    or a dataset (N: the record's index, from 0), `FILE: problem` where the place is not known.
 
-    def __init__(self, path, line_number: int | None, problem: str):
+    `line_number` is the line or the record index (the `line` column of `load_examples`); which one is the
+    path's (`place_unit`), unless `unit` says.
+    """
+
+    def __init__(self, path, line_number: int | None, problem: str, unit: str | None = None):
         self.path, self.line_number, self.problem = str(path), line_number, problem
-        super().__init__(f"{path}:{line_number}: {problem}" if line_number is not None else f"{path}: {problem}")
+        self.unit = unit or place_unit(path)
+        where = place(path, line_number, self.unit) if line_number is not None else str(path)
+        super().__init__(f"{where}: {problem}")
 
     def __reduce__(self):  # picklable, so it survives datasets' worker processes
-        return type(self), (self.path, self.line_number, self.problem)
+        return type(self), (self.path, self.line_number, self.problem, self.unit)
 
 
 class LineFormatError(ValueError):
-    """A malformed line, before the reader adds where it is."""
+    """A malformed line or record, before the reader adds where it is."""
+
+
+def data_format(path) -> str:
+    """How `path` is read: `dataset` for a folder (a `datasets` dataset), `json` for a file whose first
+    non-blank character is `[` (a JSON list: Coconut's format) unless its first line is an
+    `INPUT||COT #### ANSWER` line, else `lines`. A path that cannot be read is `lines`, whose reader
+    says why."""
+    path = Path(path)
+    if path.is_dir():
+        return "dataset"
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(FORMAT_PROBE_BYTES)
+    except OSError:
+        return "lines"
+    head = head.removeprefix(b"\xef\xbb\xbf")   # a UTF-8 byte-order mark
+    if not head.lstrip().startswith(b"["):
+        return "lines"
+    first_line = head.split(b"\n", 1)[0]
+    _, separator, target = first_line.partition(QUESTION_SEPARATOR.encode())
+    return "lines" if separator and ANSWER_MARKER.encode() in target else "json"
+
+
+def place_unit(path) -> str:
+    """What a place in `path` counts: `line` in a text file, `record` in a JSON list or a dataset."""
+    return "line" if data_format(path) == "lines" else "record"
+
+
+def place(path, number: int, unit: str) -> str:
+    """`FILE:LINE` for a line, `FILE: record N` for a record."""
+    return f"{path}:{number}" if unit == "line" else f"{path}: record {number}"
 
 
 @dataclass(frozen=True)
@@ -59,6 +106,11 @@ def normalize_answer(text: str) -> str:
 
 def _clean_answer(text: str) -> str:
     return text.strip().replace(",", "")
+
+
+def format_line(example: Example) -> str:
+    """The `INPUT||COT #### ANSWER` line (no newline) that parse_line reads back as `example`."""
+    return f"{example.question}{QUESTION_SEPARATOR}{example.cot} {ANSWER_MARKER} {example.answer}"
 
 
 def parse_line(text: str) -> Example:
@@ -87,28 +139,40 @@ def _decode(raw: bytes, first_line: bool) -> str:
     except UnicodeDecodeError as err:
         raise LineFormatError(f"invalid UTF-8 (byte {raw[err.start]:#04x} at offset {err.start})") from None
     text = text.rstrip("\r\n")
-    bad = _CONTROL.search(text)
-    if bad:
-        what = ("a byte-order mark (U+FEFF) inside the file: were files with one concatenated?"
-                if bad.group() == "\ufeff" else "a NUL byte" if bad.group() == "\x00"
-                else f"the control character U+{ord(bad.group()):04X}")
-        raise LineFormatError(f"{what} at column {bad.start() + 1}")
+    problem = control_problem(text, _CONTROL)
+    if problem:
+        raise LineFormatError(problem)
     return text
 
 
-class ExampleStream:
-    """Iterator over (line_number, Example) of one file; blank lines are skipped.
+def control_problem(text: str, pattern: re.Pattern) -> str | None:
+    """The first character of `text` that `pattern` (control characters) finds, named with its column."""
+    bad = pattern.search(text)
+    if not bad:
+        return None
+    what = ("a byte-order mark (U+FEFF) inside the file: were files with one concatenated?"
+            if bad.group() == "\ufeff" else "a NUL byte" if bad.group() == "\x00"
+            else "a line break (U+000A)" if bad.group() == "\n"
+            else f"the control character U+{ord(bad.group()):04X}")
+    return f"{what} at column {bad.start() + 1}"
 
-    Without skip_bad the first malformed line raises DataFormatError. With skip_bad, malformed lines
-    are skipped: `skipped` counts them, `bad_lines` keeps the first MAX_RECORDED_BAD_LINES as
-    (line_number, problem), and the count is logged when the file ends (unless log_skipped is False).
-    A file with no example raises UserError when the iteration ends.
+
+class ExampleStream:
+    """Iterator over (line_number, Example) of one data path, in any of the `FORMATS`; blank lines are
+    skipped. For a JSON list or a dataset the number is the record's index (`unit` is then `record`).
+
+    Without skip_bad the first malformed line or record raises DataFormatError. With skip_bad, they are
+    skipped: `skipped` counts them, `bad_lines` keeps the first MAX_RECORDED_BAD_LINES as
+    (line_number, problem), and the count is logged when the data ends (unless log_skipped is False).
+    A source with no example raises UserError when the iteration ends.
     """
 
     def __init__(self, path, skip_bad: bool = False, log_skipped: bool = True):
         self.path = Path(path)
-        if not self.path.is_file():
+        if not self.path.exists():
             raise UserError(f"{path}: no such data file")
+        self.format = data_format(self.path)
+        self.unit = "line" if self.format == "lines" else "record"
         self.skip_bad, self.log_skipped = skip_bad, log_skipped
         self.examples = 0
         self.skipped = 0
@@ -122,6 +186,18 @@ class ExampleStream:
         return next(self._rows)
 
     def _read(self):
+        if self.format == "lines":
+            entries = self._lines()
+        else:
+            from icot.data import records   # imported here: it builds on this module's Example
+
+            entries = records.iter_record_examples(self.path, self.format, self._bad_line)
+        for number, example in entries:
+            self.examples += 1
+            yield number, example
+        self._finish()
+
+    def _lines(self):
         try:
             handle = self.path.open("rb")
         except OSError as err:
@@ -136,13 +212,11 @@ class ExampleStream:
                 except LineFormatError as err:
                     self._bad_line(line_number, str(err))
                     continue
-                self.examples += 1
                 yield line_number, example
-        self._finish()
 
     def _bad_line(self, line_number: int, problem: str) -> None:
         if not self.skip_bad:
-            raise DataFormatError(self.path, line_number, problem)
+            raise DataFormatError(self.path, line_number, problem, self.unit)
         self.skipped += 1
         if len(self.bad_lines) < MAX_RECORDED_BAD_LINES:
             self.bad_lines.append((line_number, problem))
@@ -150,16 +224,41 @@ class ExampleStream:
     def _finish(self) -> None:
         if self.skipped and self.log_skipped:
             line_number, problem = self.bad_lines[0]
-            _log.warning("%s: skipped %d malformed line(s); the first, line %d: %s",
-                         self.path, self.skipped, line_number, problem)
+            _log.warning("%s: skipped %d malformed %s(s); the first, %s %d: %s",
+                         self.path, self.skipped, self.unit, self.unit, line_number, problem)
         if not self.examples:
-            why = f"all {self.skipped} non-blank lines are malformed" if self.skipped else "the file is empty"
+            if self.unit == "line":
+                why = f"all {self.skipped} non-blank lines are malformed" if self.skipped else "the file is empty"
+            else:
+                why = f"all {self.skipped} records are malformed" if self.skipped else "it holds no record"
             raise UserError(f"{self.path}: no examples ({why})")
 
 
 def iter_examples(path, skip_bad: bool = False) -> ExampleStream:
-    """Stream (line_number, Example) from a data file; see ExampleStream for errors and skip counts."""
+    """Stream (line_number, Example) from a data file or dataset folder; see ExampleStream for errors and
+    skip counts."""
     return ExampleStream(path, skip_bad=skip_bad)
+
+
+def count_examples(path) -> int:
+    """How many examples `path` holds, malformed ones included, for estimates: its non-blank lines, or
+    its records."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such data file")
+    stat = path.stat()
+    return _count_examples(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)   # a pipeline asks once per stage; a JSON list is counted by parsing it
+def _count_examples(path: str, size: int, modified_ns: int) -> int:
+    kind = data_format(path)
+    if kind != "lines":
+        from icot.data import records
+
+        return records.count_records(Path(path), kind)
+    with open(path, "rb") as handle:
+        return sum(1 for line in handle if line.strip())
 
 
 def _example_rows(path: str, skip_bad: bool):
@@ -168,19 +267,24 @@ def _example_rows(path: str, skip_bad: bool):
 
 
 def _file_fingerprint(path: Path, skip_bad: bool) -> str:
-    """Names the cache entry: a changed file (size or modification time) gets a fresh one."""
-    stat = path.stat()
-    key = f"{READER_VERSION}|{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{skip_bad}"
+    """Names the cache entry: a changed file (size or modification time) gets a fresh one; so does a
+    dataset folder any of whose files changed."""
+    files = sorted(file for file in path.rglob("*") if file.is_file()) if path.is_dir() else [path]
+    key = f"{READER_VERSION}|{data_format(path)}|{path.resolve()}|{skip_bad}"
+    for file in files:
+        stat = file.stat()
+        key += f"|{file.relative_to(path) if path.is_dir() else ''}|{stat.st_size}|{stat.st_mtime_ns}"
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 def load_examples(path, skip_bad: bool = False, cache_dir=None):
-    """A `datasets.Dataset` (question, cot, answer, line) streamed from a data file into cached Arrow."""
+    """A `datasets.Dataset` (question, cot, answer, line) streamed from a data file or dataset folder into
+    cached Arrow; `line` is the file line, or the record's index."""
     import datasets
     from datasets.exceptions import DatasetGenerationError
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{path}: no such data file")
     features = datasets.Features({**{column: datasets.Value("string") for column in COLUMNS},
                                   "line": datasets.Value("int32")})
