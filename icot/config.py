@@ -122,12 +122,13 @@ class DataConfig:
         "drop", help="an example longer than data.max_length or the model's positions: drop it (counted in a "
                      "warning) or stop with its file:line")
     num_proc: int = option(1, minimum=1, resumable=True, help="processes for tokenization")
-    steps: Literal["auto", "equations", "plus", "words"] = option(
+    steps: Literal["auto", "equations", "plus", "sentences", "words"] = option(
         "auto", help="how a CoT splits into steps, for methods that replace or drop whole steps (Coconut, "
                      "CODI): equations (GSM8K-Aug: one <<...>> per step), plus (multiplication in the papers' "
-                     "layout: one partial product with its running sum, through its +), words (one step a "
-                     "word: the columns layout's column sums), auto (equations where the CoT holds <<, plus "
-                     "where it holds +, else words)")
+                     "layout: one partial product with its running sum, through its +), sentences (ProsQA, "
+                     "ProntoQA: through each sentence's final '.'), words (one step a word: the columns "
+                     "layout's column sums), auto (equations where the CoT holds <<, plus where it holds +, "
+                     "sentences where a '.' ends a sentence, else words)")
     skip_bad_lines: bool = option(False, help="skip malformed lines and lines with words the tokenizer does not "
                                               "know (counted in a warning) instead of stopping at the first with "
                                               "file:line")

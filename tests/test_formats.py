@@ -404,3 +404,18 @@ def test_reference_gsm8k_reads_alike_in_every_format(reference_data, tmp_path):
         convert_file(coconut, out)
         assert examples(out) == expected
     assert sum(example.cot == "" for example in expected) == 18   # test.txt's empty CoTs survive
+
+
+def test_sentence_steps_of_coconut_json_are_found_again_after_joining():
+    """ProsQA's steps are sentences with spaces inside: joined into one CoT, `sentences` (auto's choice
+    for such a CoT) splits them where each sentence ends, as the JSON listed them."""
+    from icot.data.steps import step_char_starts
+
+    steps = ["Every wumpus is a yumpus.", "Every yumpus is a rempus.", "Alex is a rempus."]
+    cot = " ".join(steps)
+    starts = step_char_starts(cot)
+    assert starts == step_char_starts(cot, "sentences")
+    assert [cot[a:b].strip() for a, b in zip(starts, starts[1:] + [len(cot)])] == steps
+    # A decimal point is no sentence end; text after the last full stop is a step of its own.
+    assert step_char_starts("Pay 2.5 dollars. Then 3 more", "sentences") == [0, 17]
+    assert step_char_starts("05 051 067 78") == [0, 3, 7, 11]   # the columns layout: still words

@@ -11,9 +11,12 @@ Rules (`data.steps`):
   in parentheses that follows it, from the second on) through the `+` that ends it; the last step runs to
   the end of the CoT. `1 7 4 3 3 + 0 6 7 8 4 1 ( 1 3 2 2 8 1 ) + 0 0 ...` has the steps `1 7 4 3 3 +`,
   `0 6 7 8 4 1 ( 1 3 2 2 8 1 ) +`, ...;
+- `sentences`: ProsQA and ProntoQA (Coconut's JSON, whose steps are sentences): a step runs through the
+  `.` that ends it; text after the last `.` is a step of its own;
 - `words`: one step per whitespace-separated word: the columns layout of `icot data multiply`, whose
   CoT is one column sum per word (`05 051 067 78`);
-- `auto`: `equations` for a CoT that holds `<<`, `plus` for one that holds `+`, else `words`.
+- `auto`: `equations` for a CoT that holds `<<`, `plus` for one that holds `+`, `sentences` for one that
+  ends a sentence (a `.` at its end or before a space), else `words`.
 An empty CoT has no step.
 """
 
@@ -22,9 +25,10 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-STEP_RULES = ("auto", "equations", "plus", "words")
+STEP_RULES = ("auto", "equations", "plus", "sentences", "words")
 _CHUNK = re.compile(r"\S+")
-_PLUS_STEP = re.compile(r"[^+]*\+|[^+]+$")
+_ENDED_STEP = {"plus": re.compile(r"[^+]*\+|[^+]+$"), "sentences": re.compile(r".*?\.(?=\s|$)|.+$")}
+_SENTENCE_END = re.compile(r"\.(\s|$)")
 
 
 def step_char_starts(cot: str, rule: str = "auto") -> list[int]:
@@ -32,11 +36,12 @@ def step_char_starts(cot: str, rule: str = "auto") -> list[int]:
     if rule not in STEP_RULES:
         raise ValueError(f"unknown step rule {rule!r}: expected one of {', '.join(STEP_RULES)}")
     if rule == "auto":
-        rule = "equations" if "<<" in cot else "plus" if "+" in cot else "words"
+        rule = ("equations" if "<<" in cot else "plus" if "+" in cot else
+                "sentences" if _SENTENCE_END.search(cot) else "words")
     if rule in ("equations", "words"):   # the same split: whitespace-separated chunks
         return [match.start() for match in _CHUNK.finditer(cot)]
     starts = []
-    for match in _PLUS_STEP.finditer(cot):
+    for match in _ENDED_STEP[rule].finditer(cot):
         text = match.group()
         if text.strip():
             starts.append(match.start() + len(text) - len(text.lstrip()))
