@@ -58,6 +58,11 @@ def section(cls, help: str):
     return field(default_factory=cls, metadata={"help": help})
 
 
+def dropout_probability(value: float) -> str | None:
+    """A check (see `option`) for a dropout probability."""
+    return None if value < 1.0 else "expected a dropout probability in [0, 1)"
+
+
 def _check_betas(value: list) -> str | None:
     if len(value) == 2 and all(0.0 <= b < 1.0 for b in value):
         return None
@@ -230,8 +235,10 @@ def config_class(stage: str) -> type:
              for role, source in spec.reads.items()])
         fields.append(("inputs", inputs, section(inputs, "the earlier stages this stage reads")))
     method = registry.get_method(spec.method)
-    if method.section is not None:
-        fields.append((method.name, method.section, section(method.section, f"{method.title} options")))
+    for name in (method.name, *method.uses):
+        owner = registry.get_method(name)
+        if owner.section is not None:
+            fields.append((name, owner.section, section(owner.section, f"{owner.title} options")))
     if not fields:
         return StageConfig
     return dataclasses.make_dataclass(f"{_camel(stage)}Config", fields, bases=(StageConfig,))
@@ -622,8 +629,9 @@ def _only_for(tree: dict, stage: str) -> dict:
     _parse_methods(tree.pop("methods", None))
     if "demo" in tree:
         _build(DemoConfig, _as_mapping(tree.pop("demo"), "demo"), "demo.")
+    own_sections = (spec.method, *registry.get_method(spec.method).uses)
     for name, cls in _method_sections().items():
-        if name in tree and name != spec.method:
+        if name in tree and name not in own_sections:
             _build(cls, _as_mapping(tree.pop(name), name), f"{name}.")
     if "inputs" in tree:
         roles = {role for other in registry.stages() for role in other.reads}

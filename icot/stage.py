@@ -369,14 +369,15 @@ def fresh_decoder(config: StageConfig, tokenizer, dropout: float, strategy) -> n
     return prepare_decoder(decoder, config, dropout)
 
 
-def start_decoder(stage: Stage, from_export: bool, dropout: float) -> nn.Module:
+def start_decoder(stage: Stage, from_export: bool, dropout: float, grow: bool = True) -> nn.Module:
     """The decoder a method begins with, with at least a row per token of the stage's tokenizer (which
-    may have gained the method's own tokens): the `start` input's export (the shared teacher's), else
-    model.name_or_path, else one built from scratch."""
+    may have gained the method's own tokens; not with `grow` false: a decoder that never reads or writes
+    them keeps its tables): the `start` input's export (the shared teacher's), else model.name_or_path,
+    else one built from scratch."""
     from icot.models.io import load_component
     from icot.models.thoughts import grown
 
-    size, model = len(stage.tokenizer), stage.config.model
+    size, model = (len(stage.tokenizer) if grow else 0), stage.config.model
     if from_export:
         folder = stage.input_export("start")
         decoder = stage.strategy.load_pretrained(lambda: grown(load_component(folder, expect="decoder"), size))
