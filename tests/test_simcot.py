@@ -339,3 +339,154 @@ def test_the_codi_step_loss_and_its_gradients_equal_the_reference_computation(tr
     assert all(p.requires_grad for p in model.step_decoder.parameters())   # the whole decoder trains
     for a, b in zip(torch.autograd.grad(ours["loss"], trained), torch.autograd.grad(theirs, trained)):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training runs: 3x3 multiplication (3 steps), Coconut one thought a step from stage 1, one epoch (8 steps)
+# a stage; CODI with 3 thoughts; no dropout anywhere (a weightless step loss then changes nothing).
+
+CURRICULUM = {"thoughts_per_step": 1, "epochs_per_stage": 1, "max_latent_stage": 2, "epoch_offset": 1,
+              "init_token": "+"}
+CODI = {"start": "teacher", "latents": 3, "projection_dim": 32, "lora_r": 8, "lora_dropout": 0.0, "teacher_passes": 1}
+TAGS = ("train/loss", "train/step_loss", "train/grad_norm", "train/coconut_stage", "valid/loss", "valid/accuracy")
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> Path:
+    folder = make_workspace(tmp_path_factory.mktemp("simcot"), train=128, valid=8, test=9)
+    write_recipe(folder, methods=["coconut", "coconut_simcot", "codi", "codi_simcot"], coconut=CURRICULUM, codi=CODI,
+                 codi_simcot={"decoder_dropout": 0.0}, train={"max_steps": 12, "save_every": 4, "eval_every": 6})
+    run_train(folder, "teacher", folder / "recipe.yaml")
+    return folder
+
+
+def from_teacher(ws: Path) -> str:
+    return f"--inputs.start.dir={ws / 'run/teacher'}"
+
+
+@pytest.fixture(scope="module")
+def straight(ws) -> dict:
+    run_train(ws, "coconut_simcot", ws / "recipe.yaml", "--run_dir=straight", from_teacher(ws))
+    return read_scalars(ws / "straight/coconut_simcot/tb")
+
+
+def export_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+def test_a_coconut_simcot_run_trains_the_step_decoder_and_exports_coconut_alone(ws, straight):
+    root = ws / "straight/coconut_simcot"
+    assert stage_folder_problems(root, "coconut_simcot") == []
+    stages = dict(straight["train/coconut_stage"])
+    assert [stages[s] for s in (1, 8, 9, 12)] == [1, 1, 2, 2]
+    step_losses, losses = dict(straight["train/step_loss"]), dict(straight["train/loss"])
+    assert all(0 < step_losses[s] < losses[s] for s in losses)   # the step loss joins Coconut's
+    # The checkpoint holds the step decoder (a resumed run continues it); the export does not.
+    states = torch.load(next((root / "ckpt").glob("step*/mp_rank_00_model_states.pt")), weights_only=False)
+    assert any(key.startswith("step_decoder.") for key in states["module"])
+    weights = export_weights(root / "export")
+    assert not any("step_decoder" in key for key in weights) and "transformer.wte.weight" in weights
+    description = json.loads((root / "export/icot_component.json").read_text())
+    assert description["stage"] == "coconut_simcot" and description["coconut"]["thoughts"] == 2
+    evaluated = subprocess.run([sys.executable, "-m", "icot", "eval", "--mode", "coconut_simcot", "--run_dir",
+                                "straight", "--data", "data/test.txt", "--out", "eval.json"], cwd=ws, env=icot_env(),
+                               capture_output=True, text=True)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    result = json.loads((ws / "eval.json").read_text())
+    assert result["examples"] == 9 and result["mode"] == "coconut_simcot" and 0 < result["token_accuracy"] <= 1
+
+
+@pytest.mark.parametrize("method", ["coconut", "codi"])
+def test_with_weight_zero_it_trains_exports_and_decodes_exactly_as_the_plain_method(ws, method):
+    from icot.data.tokenizer_build import load_tokenizer
+    from icot.data.collate import collate_generate
+    from icot.evaluate import load_eval_set, load_mode_model
+
+    steps = "--train.max_steps=10"   # Coconut: across its stage change at step 9
+    run_train(ws, method, ws / "recipe.yaml", "--run_dir=plain", from_teacher(ws), steps)
+    run_train(ws, f"{method}_simcot", ws / "recipe.yaml", "--run_dir=weightless", from_teacher(ws), steps,
+              f"--{method}_simcot.weight=0")
+    plain, weightless = ws / "plain" / method, ws / "weightless" / f"{method}_simcot"
+    assert read_scalars(weightless / "tb")["train/loss"] == read_scalars(plain / "tb")["train/loss"]
+    assert all(value > 0 for _, value in read_scalars(weightless / "tb")["train/step_loss"])
+    ours, theirs = export_weights(weightless / "export"), export_weights(plain / "export")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in theirs)
+    files = {path.relative_to(plain / "export") for path in (plain / "export").rglob("*")}
+    assert {path.relative_to(weightless / "export") for path in (weightless / "export").rglob("*")} == files
+    tokenizer = load_tokenizer(plain / "export", "the export")
+    batch = collate_generate(load_eval_set(ws / "data/test.txt", tokenizer), tokenizer.eos_token_id)
+    with torch.no_grad():
+        assert (load_mode_model(f"{method}_simcot", ws / "weightless").generate(batch, 24)
+                == load_mode_model(method, ws / "plain").generate(batch, 24))
+
+
+def test_a_stop_mid_run_resumes_with_the_same_losses(ws, straight):
+    overrides = ["--run_dir=stopped", from_teacher(ws)]
+    code, _ = launch_and_signal(ws, "coconut_simcot", ws / "recipe.yaml", *overrides, sig=signal.SIGTERM, at_step=5,
+                                log_name="stopped")
+    assert code == 0
+    stopped = int((ws / "stopped/coconut_simcot/PREEMPTED").read_text().split()[1])
+    assert 5 <= stopped < 9   # the resumed run changes stage (stage 2 from step 9)
+    run_train(ws, "coconut_simcot", ws / "recipe.yaml", *overrides)
+    got = read_scalars(ws / "stopped/coconut_simcot/tb")
+    for tag in TAGS:
+        assert got[tag] == straight[tag], tag
+
+
+@pytest.mark.parametrize("stage,extra", [("coconut_simcot", "--coconut.uniform_prob=0.5"),
+                                         ("codi_simcot", "--codi_simcot.truncate_to_first_row=true")])
+def test_zero3_bf16_activation_checkpointing_on_two_ranks(ws, stage, extra):
+    overrides = ["--run_dir=zero3", from_teacher(ws), "--train.zero_stage=3", "--train.precision=bf16",
+                 "--model.gradient_checkpointing=true", "--train.max_steps=6", extra]
+    run_train(ws, stage, ws / "recipe.yaml", *overrides, nproc=2)
+    root = ws / "zero3" / stage
+    assert stage_folder_problems(root, stage) == []
+    ds_config = json.loads((root / "ds_config.json").read_text())
+    assert ds_config["zero_optimization"]["stage"] == 3 and ds_config["bf16"] == {"enabled": True}
+    got = read_scalars(root / "tb")
+    assert all(np.isfinite(value) for _, value in got["train/loss"])
+    assert all(np.isfinite(value) and value > 0 for _, value in got["train/step_loss"])
+    weights = export_weights(root / "export")
+    assert not any("step_decoder" in key for key in weights)
+    assert weights["transformer.wte.weight"].shape[0] == json.loads((root / "export/config.json").read_text())["vocab_size"]
+
+
+def test_the_references_two_stages_coconut_then_simcot_from_its_export(ws):
+    """The reference trains Coconut, then SIM-CoT from its checkpoint (METHODS.md 4.3): the Coconut export as
+    the start, with its tokenizer and its rows for the thought tokens. With lr 0 the export is the start's."""
+    run_train(ws, "coconut", ws / "recipe.yaml", "--run_dir=two", from_teacher(ws), "--train.max_steps=4")
+    coconut = ws / "two/coconut"
+    run_train(ws, "coconut_simcot", ws / "recipe.yaml", "--run_dir=two", f"--inputs.start.dir={coconut}",
+              f"--model.tokenizer={coconut / 'export'}", "--coconut.token_init=resize", "--train.max_steps=2",
+              "--train.lr=0")
+    root = ws / "two/coconut_simcot"
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert Path(manifest["input_exports"]["teacher"]["path"]) == (coconut / "export").resolve()
+    ours, theirs = export_weights(root / "export"), export_weights(coconut / "export")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in theirs)
+
+
+def test_compare_lists_coconut_and_codi_with_and_without_simcot(ws):
+    """`icot compare` with the CPU recipe (icot/recipes/demo_simcot.yaml), shortened, on this workspace."""
+    tiny = ["--run_dir=compared", "--data.train=data/train.txt", "--data.valid=data/valid.txt",
+            "--data.test=data/test.txt", "--model.tokenizer=tok", "--model.layers=2", "--model.hidden=32",
+            "--model.heads=2", "--model.max_positions=128", "--data.max_length=128", "--train.max_steps=4",
+            "--train.eval_examples=4", "--train.log_every=2", "--coconut.steps_per_stage=1",
+            "--coconut.max_latent_stage=2", "--codi.lora_r=8", "--codi.projection_dim=32"]
+    result = subprocess.run([sys.executable, "-m", "icot", "compare", "--config", str(RECIPES / "demo_simcot.yaml"),
+                             "--eval_batch_size", "4", *tiny], cwd=ws, env=icot_env(), capture_output=True, text=True,
+                            timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    comparison = json.loads((ws / "compared/compare.json").read_text())
+    assert [(row["method"], row["mode"], row["title"]) for row in comparison["rows"]] == [
+        ("shared", "no_cot", "No CoT"), ("shared", "explicit", "Explicit CoT (teacher)"),
+        ("coconut", "coconut", "Coconut (continuous thoughts)"),
+        ("coconut_simcot", "coconut_simcot", "Coconut + SIM-CoT"),
+        ("codi", "codi", "CODI (continuous thoughts)"), ("codi_simcot", "codi_simcot", "CODI + SIM-CoT")]
+    for row in comparison["rows"][2:]:
+        assert row["stages"] == [row["mode"]] and "teacher" in row["reads_seconds"] and row["train_seconds"] > 0
+    table = (ws / "compared/compare.md").read_text()
+    assert "| coconut_simcot | Coconut + SIM-CoT |" in table and "| codi_simcot | CODI + SIM-CoT |" in table
+    print(table)

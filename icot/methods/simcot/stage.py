@@ -53,9 +53,8 @@ class StepSupervision(ABC):
     def build(self):
         model = super().build()
         from_start = self.supervision.decoder_start == "start" and "start" in self.roles_read(self.config)
-        # The targets hold the tokenizer's own tokens only: the decoder keeps its tables (not resized, as
-        # both forks load it).
-        decoder = start_decoder(self, from_start, self.supervision.decoder_dropout, grow=False)
+        # Not resized, as both forks load it: the targets hold the tokenizer's own tokens only.
+        decoder = start_decoder(self, from_start, self.supervision.decoder_dropout, beside=model)
         return StepSupervised(model, decoder)
 
     @classmethod
