@@ -8,8 +8,8 @@ One stage's configuration is merged, later layers winning, from:
 Every field is declared once, with its type, default and help text (`option`): the loader converts and
 checks values by it, and `icot train STAGE --help` prints it. A stage's config holds the shared sections
 (`run_dir`, `model`, `data`, `train`), `inputs` (one entry per earlier stage it reads, by role) and the
-section of the method it belongs to (named after the method, e.g. `icot_kd:`); the registry
-(`icot.registry`) says which. A recipe may hold the sections of several methods and `methods:`, the
+section of the method it belongs to (named after the method, e.g. `icot_kd:`), and of the methods that
+method uses (a variant's base: `coconut:` for `coconut_simcot`); the registry (`icot.registry`) says which. A recipe may hold the sections of several methods and `methods:`, the
 methods `icot pipeline` runs.
 
 Every value arrives as text (YAML scalars are read as raw text, not through PyYAML's type guessing,
@@ -224,7 +224,7 @@ class StageConfig:
 @functools.cache
 def config_class(stage: str) -> type:
     """The config dataclass of one stage: StageConfig + `inputs` (when it reads earlier stages) + the
-    section of its method (when the method declares one)."""
+    section of its method (when the method declares one) and of each method it `uses`."""
     spec = registry.get_stage(stage)
     fields = []
     if spec.reads:
