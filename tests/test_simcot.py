@@ -34,7 +34,6 @@ pytest_plugins = ["tests.train_fixtures"]
 
 from icot.config import load_stage_config  # noqa: E402
 from icot.data.collate import IGNORE_INDEX  # noqa: E402
-from icot.data.steps import step_char_starts  # noqa: E402
 from icot.data.views import encode_batch  # noqa: E402
 from icot.demo import RECIPES  # noqa: E402
 from icot.engine import Strategy  # noqa: E402
@@ -60,11 +59,6 @@ def word_stage(cls, stage: str, *overrides: str, lines=LINES):
     texts = [fixtures.split_line(line) for line in lines]
     columns = encode_batch(tokenizer, *zip(*texts))
     return built, [dict(zip(columns, values)) for values in zip(*columns.values())], texts
-
-
-def split_steps(cot: str) -> list[str]:
-    chars = step_char_starts(cot)
-    return [cot[a:b].strip() for a, b in zip(chars, chars[1:] + [len(cot)])]
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -95,7 +89,7 @@ def coconut_targets(tokenizer, texts, stage: int, c: int, top: int, pad: bool) -
     sep = tokenizer.eos_token_id
     out = []
     for _, cot, answer in texts:
-        steps = split_steps(cot)
+        steps = fixtures.split_steps(cot)
         if stage > top:
             latent, thoughts = steps, (top if pad else min(len(steps), top))
         else:
@@ -131,7 +125,7 @@ def codi_targets(tokenizer, texts, latents: int, include_last: bool) -> list[lis
     sep = tokenizer.eos_token_id
     out = []
     for _, cot, _ in texts:
-        steps = split_steps(cot) if include_last else split_steps(cot)[:-1]
+        steps = fixtures.split_steps(cot) if include_last else fixtures.split_steps(cot)[:-1]
         slots = [steps[k:k + 1] if k < latents else steps[k:] for k in range(latents + 1)]
         out.append([encode(tokenizer, " " + " ".join(s)) + [sep] if s else [] for s in slots])
     return out
@@ -185,7 +179,7 @@ def test_codi_thoughts_decode_the_teacher_rows_steps(latents, include_last, trun
     want = expected_batch(targets, columns, 1, tokenizer.eos_token_id, first_position=0)
     assert {key: batch["steps"][key].tolist() for key in want} == want
     if latents == 1 and not truncate:   # the multiplication's two teacher steps after its first, merged
-        assert targets[2][1] == encode(tokenizer, " " + " ".join(split_steps(texts[2][1])[1:3])) + [
+        assert targets[2][1] == encode(tokenizer, " " + " ".join(fixtures.split_steps(texts[2][1])[1:3])) + [
             tokenizer.eos_token_id]
 
 
