@@ -1,4 +1,5 @@
-"""`icot bench`: side-by-side throughput of every registered mode and the training-step overhead, in one run.
+"""`icot bench`: side-by-side throughput of every registered mode (one per way of decoding: `timed_modes`) and
+the training-step overhead, in one run.
 
 Inference. For each task (`4x4`, `5x5`, ...), real lines are rendered (`render_line`) and tokenized with a
 word tokenizer built on them (`build_from_segments`), which gives the prompt and the real generated
@@ -127,8 +128,8 @@ def build_task(name: str, examples: int, seed: int = 0) -> Task:
         raise RuntimeError(f"{name}: lines of unequal token lengths {sorted(lengths)}")
     cot_len, _, prompt_len = lengths.pop()
     task.prompt_len, task.cot_view_length = prompt_len, cot_len
-    task.new_tokens = {mode.name: len(view_ids(features[0], mode.view)) - prompt_len for mode in registry.modes()}
-    for mode in registry.mode_names():   # a mode's reference-code decoding, timed beside it
+    task.new_tokens = {mode.name: len(view_ids(features[0], mode.view)) - prompt_len for mode in timed_modes()}
+    for mode in list(task.new_tokens):   # a mode's reference-code decoding, timed beside it
         if hasattr(mode_class(mode), "generate_as_reference"):
             task.new_tokens[reference_name(mode)] = task.new_tokens[mode]
     return task
@@ -136,6 +137,15 @@ def build_task(name: str, examples: int, seed: int = 0) -> Task:
 
 def reference_name(mode: str) -> str:
     return f"{mode}_reference"
+
+
+def timed_modes() -> list[registry.Mode]:
+    """The registered modes, one per way of decoding: a mode that decodes with another's model class (SIM-CoT's
+    modes decode as their base method's) would time the same decoding twice."""
+    classes = {}
+    for mode in registry.modes():
+        classes.setdefault(mode.model, mode)
+    return list(classes.values())
 
 
 def compiled_name(mode: str) -> str:
@@ -228,13 +238,14 @@ def forced_length(decoder, separator_id: int) -> None:
 
 def build_mode_models(shape: Shape, task: Task, seed: int, device: torch.device | str = "cpu",
                       compiled: bool = False) -> dict[str, ModeModel]:
-    """Every registered mode's model, from random decoders of `shape` (in inference form, as icot eval
+    """Every timed mode's model (`timed_modes`), from random decoders of `shape` (in inference form, as icot eval
     loads them); each generating decoder never emits the separator. `compiled`: each mode's compiled
     decoding beside it."""
     models = {}
-    for mode in registry.mode_names():
+    names = [mode.name for mode in timed_modes()]
+    for mode in names:
         mode_class(mode).prepare_tokenizer(task.tokenizer)
-    for mode in registry.mode_names():
+    for mode in names:
         cls = mode_class(mode)
         model = cls.random_model(lambda offset: random_decoder(shape, task.tokenizer, seed + offset)).to(device).eval()
         models[mode] = cls(mode, model, task.tokenizer)

@@ -8,8 +8,8 @@ One stage's configuration is merged, later layers winning, from:
 Every field is declared once, with its type, default and help text (`option`): the loader converts and
 checks values by it, and `icot train STAGE --help` prints it. A stage's config holds the shared sections
 (`run_dir`, `model`, `data`, `train`), `inputs` (one entry per earlier stage it reads, by role) and the
-section of the method it belongs to (named after the method, e.g. `icot_kd:`); the registry
-(`icot.registry`) says which. A recipe may hold the sections of several methods and `methods:`, the
+section of the method it belongs to (named after the method, e.g. `icot_kd:`), and of the methods that
+method uses (a variant's base: `coconut:` for `coconut_simcot`); the registry (`icot.registry`) says which. A recipe may hold the sections of several methods and `methods:`, the
 methods `icot pipeline` runs.
 
 Every value arrives as text (YAML scalars are read as raw text, not through PyYAML's type guessing,
@@ -56,6 +56,11 @@ def option(default=MISSING, *, help: str, factory=None, minimum=None, check=None
 def section(cls, help: str):
     """A field holding a nested section."""
     return field(default_factory=cls, metadata={"help": help})
+
+
+def dropout_probability(value: float) -> str | None:
+    """A check (see `option`) for a dropout probability."""
+    return None if value < 1.0 else "expected a dropout probability in [0, 1)"
 
 
 def _check_betas(value: list) -> str | None:
@@ -230,7 +235,7 @@ class StageConfig:
 @functools.cache
 def config_class(stage: str) -> type:
     """The config dataclass of one stage: StageConfig + `inputs` (when it reads earlier stages) + the
-    section of its method (when the method declares one)."""
+    section of its method (when the method declares one) and of each method it `uses`."""
     spec = registry.get_stage(stage)
     fields = []
     if spec.reads:
@@ -241,8 +246,10 @@ def config_class(stage: str) -> type:
              for role, source in spec.reads.items()])
         fields.append(("inputs", inputs, section(inputs, "the earlier stages this stage reads")))
     method = registry.get_method(spec.method)
-    if method.section is not None:
-        fields.append((method.name, method.section, section(method.section, f"{method.title} options")))
+    for name in (method.name, *method.uses):
+        owner = registry.get_method(name)
+        if owner.section is not None:
+            fields.append((name, owner.section, section(owner.section, f"{owner.title} options")))
     if not fields:
         return StageConfig
     return dataclasses.make_dataclass(f"{_camel(stage)}Config", fields, bases=(StageConfig,))
@@ -633,8 +640,9 @@ def _only_for(tree: dict, stage: str) -> dict:
     _parse_methods(tree.pop("methods", None))
     if "demo" in tree:
         _build(DemoConfig, _as_mapping(tree.pop("demo"), "demo"), "demo.")
+    own_sections = (spec.method, *registry.get_method(spec.method).uses)
     for name, cls in _method_sections().items():
-        if name in tree and name != spec.method:
+        if name in tree and name not in own_sections:
             _build(cls, _as_mapping(tree.pop(name), name), f"{name}.")
     if "inputs" in tree:
         roles = {role for other in registry.stages() for role in other.reads}

@@ -66,6 +66,9 @@ class Method:
     shared: bool = False          # its stages belong to every method's run (the teacher, the no-CoT baseline)
     default: bool = False         # run when a recipe names no `methods:`
     demo: str | None = None       # the recipe of `icot demo --method NAME`, in icot/recipes/
+    # Other methods whose sections its stages read beside its own: a variant of them (SIM-CoT over Coconut
+    # reads `coconut:`, so the plain and the supervised run of one recipe share one curriculum).
+    uses: tuple[str, ...] = ()
 
 
 _METHODS: dict[str, Method] = {}
@@ -84,6 +87,9 @@ def register(method: Method) -> Method:
         problems.append(f"{method.name!r} is a reserved word ({', '.join(RESERVED)})")
     if not method.stages:
         problems.append("it declares no stage")
+    for name in method.uses:
+        if name not in _METHODS or _METHODS[name].section is None:
+            problems.append(f"it uses the section of {name!r}, which no registered method declares")
     names = [spec.name for spec in method.stages]
     for spec in method.stages:
         if spec.name in _STAGES or names.count(spec.name) > 1:

@@ -378,22 +378,30 @@ def fresh_decoder(config: StageConfig, tokenizer, dropout: float, strategy) -> n
     return prepare_decoder(decoder, config, dropout)
 
 
-def start_decoder(stage: Stage, from_export: bool, dropout: float) -> nn.Module:
+def start_decoder(stage: Stage, from_export: bool, dropout: float, beside: nn.Module | None = None) -> nn.Module:
     """The decoder a method begins with, with at least a row per token of the stage's tokenizer (which
     may have gained the method's own tokens): the `start` input's export (the shared teacher's), else
-    model.name_or_path, else one built from scratch."""
+    model.name_or_path, else one built from scratch.
+
+    With `beside`, a second decoder trained beside that module (SIM-CoT's step decoder): its tables as
+    loaded (it never reads or writes the method's tokens), loaded outside ZeRO-3's load scope and cast to
+    the dtype of `beside`'s trained parameters, since one ZeRO-3 optimizer holds one dtype and the engine
+    partitions a module loaded outside the scope without casting it."""
     from icot.models.io import load_component
     from icot.models.thoughts import grown
 
-    size, model = len(stage.tokenizer), stage.config.model
-    if from_export:
-        folder = stage.input_export("start")
-        decoder = stage.strategy.load_pretrained(lambda: grown(load_component(folder, expect="decoder"), size))
-    elif model.name_or_path:
-        decoder = stage.strategy.load_pretrained(lambda: grown(load_decoder(model.name_or_path), size))
+    size, model = (len(stage.tokenizer) if beside is None else 0), stage.config.model
+    load = stage.strategy.load_pretrained if beside is None else (lambda loader: loader())
+    if from_export or model.name_or_path:
+        folder = stage.input_export("start") if from_export else None
+        source = (lambda: load_component(folder, expect="decoder")) if from_export else (
+            lambda: load_decoder(model.name_or_path))
+        decoder = prepare_decoder(load(lambda: grown(source(), size)), stage.config, dropout)
     else:
-        return fresh_decoder(stage.config, stage.tokenizer, dropout=dropout, strategy=stage.strategy)
-    return prepare_decoder(decoder, stage.config, dropout)
+        decoder = fresh_decoder(stage.config, stage.tokenizer, dropout=dropout, strategy=stage.strategy)
+    if beside is not None:
+        decoder.to(next(p for p in beside.parameters() if p.requires_grad).dtype)
+    return decoder
 
 
 def prepare_decoder(decoder: nn.Module, config: StageConfig, dropout: float) -> nn.Module:

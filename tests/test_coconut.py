@@ -114,18 +114,13 @@ def hand_sequence(tokenizer, tokens: ThoughtTokens, question, steps, answer, ski
     return head, encode(" " + " ".join(steps[skipped:] + [sep, "####", answer, sep]))
 
 
-def split_steps(cot: str) -> list[str]:
-    chars = step_char_starts(cot)
-    return [cot[a:b].strip() for a, b in zip(chars, chars[1:] + [len(cot)])]
-
-
 @pytest.mark.parametrize("stage,pad", [(0, True), (1, True), (2, True), (3, True), (4, True), (4, False)])
 def test_a_hand_built_stage_sequence_equals_the_collated_batch(word, stage, pad):
     tokenizer, tokens, features, texts = word
     options = CoconutConfig(thoughts_per_step=2, max_latent_stage=3, pad_latent_to_max=pad)
     sequences, label_starts, hands = [], [], []
     for feature, (question, cot, answer) in zip(features, texts):
-        steps = split_steps(cot)
+        steps = fixtures.split_steps(cot)
         if stage > options.max_latent_stage:   # everything removed; max x c thoughts, or as the steps allow
             skipped, thoughts = len(steps), 2 * (3 if pad else min(len(steps), 3))
         else:                                  # k steps skipped, k x c thoughts (even beyond the steps)

@@ -62,13 +62,6 @@ def encoded(kind: str, lines=LINES):
 # Sequences and the distillation position.
 
 
-def steps_of(cot: str) -> list[str]:
-    from icot.data.steps import step_char_starts
-
-    chars = step_char_starts(cot)
-    return [cot[a:b].strip() for a, b in zip(chars, chars[1:] + [len(cot)])]
-
-
 @pytest.mark.parametrize("reference_masking", [False, True])
 def test_hand_built_teacher_and_student_rows_equal_the_collated_batch(reference_masking):
     tokenizer, tokens, features, texts = encoded("word")
@@ -79,7 +72,7 @@ def test_hand_built_teacher_and_student_rows_equal_the_collated_batch(reference_
     teachers, students = [], []
     for question, cot, answer in texts:
         answer_part = encode(f" {sep} #### {answer} {sep}")
-        teachers.append((encode(f" {question} {sep}"), encode(" " + " ".join(steps_of(cot)[:-1])) + answer_part))
+        teachers.append((encode(f" {question} {sep}"), encode(" " + " ".join(fixtures.split_steps(cot)[:-1])) + answer_part))
         students.append(encode(f" {question} {sep}") + [tokens.bot] + [tokens.latent] * 3 + [tokens.eot] + answer_part)
     pad = tokenizer.eos_token_id
     width = max(len(p) + len(r) for p, r in teachers)

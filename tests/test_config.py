@@ -143,7 +143,7 @@ def test_lists_from_cli_and_yaml(recipe):
      r"inputs\.student\.export: expected last, best, 'epoch N' or 'step N' \(N >= 1\), got 'epoch0'"),
     ("methods: [icot_kd, icot]\n", r"recipe\.yaml:1: methods: unknown method 'icot'; registered: icot_kd"),
     ("method: {delta: 3}\n", r"recipe\.yaml:1: the 'method:' section is now named after its method "
-                             r"\(icot_kd:, stepwise:, coconut:, codi:\); rename it"),
+                             r"\(icot_kd:, stepwise:, coconut:, codi:, coconut_simcot:, codi_simcot:\); rename it"),
 ])
 def test_unknown_keys_in_recipe(recipe, text, message):
     path = recipe(text)
@@ -270,7 +270,7 @@ def test_stage_paths():
         ["config.yaml", "ds_config.json", "ckpt", "tb", "export", "manifest.json"]
     assert Paths.for_stage("r", "teacher").ckpt.as_posix() == "r/teacher/ckpt"
     assert registry.stage_names() == ["no_cot", "teacher", "mind_reading", "emulation", "coupling", "stepwise", "coconut",
-                                     "codi"]
+                                     "codi", "coconut_simcot", "codi_simcot"]
 
 
 def test_a_resolved_config_written_before_method_sections_loads(tmp_path):

@@ -58,6 +58,18 @@ def test_bad_declarations_are_refused(stages, problem):
     assert registry.stage_names() == before and "broken" not in registry.method_names()
 
 
+def test_a_variant_reads_the_section_of_a_method_it_uses_and_only_a_declared_one():
+    from icot.config import load_stage_config
+
+    config = load_stage_config("coconut_simcot", None, ["--coconut.max_latent_stage=5", "--coconut_simcot.weight=2"])
+    assert (config.coconut.max_latent_stage, config.coconut_simcot.weight) == (5, 2.0)
+    assert not hasattr(load_stage_config("coconut", None, []), "coconut_simcot")
+    with pytest.raises(UserError, match=r"uses the section of 'nowhere', which no registered method declares"):
+        registry.register(Method(name="broken", title="broken", uses=("nowhere",),
+                                 stages=(StageSpec("mine", "x:Y", "t"),)))
+    assert "broken" not in registry.method_names()
+
+
 def test_icot_kd_stage_names_appear_in_its_declaration_only():
     declaration = ROOT / "icot/methods/icot_kd/__init__.py"
     names = [spec.name for spec in registry.get_method("icot_kd").stages]

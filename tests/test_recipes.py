@@ -266,3 +266,84 @@ def test_bai_short_variant_keeps_the_model_and_fits_ten_minutes_of_steps():
     # The header's size: 32,000 steps; at the ~7.5 ms a step it estimates, under 10 minutes with the eval.
     assert steps == 32_000 and steps * 7.5e-3 < 6 * 60
     assert stages["no_cot"].train.max_steps >= stages["stepwise"].train.max_steps + stages["teacher"].train.max_steps
+
+
+# SIM-CoT's forks (InternLM/SIM-CoT; METHODS.md 4.4): its Coconut fork's args/gsm_cot.yaml:16-43,
+# gsm_coconut.yaml:16-44 and gsm_simcot.yaml:13-47 (batch per GPU x accumulation x 8 GPUs; `checkpoint_N` is
+# saved after N epochs), and its CODI fork's scripts/train_llama1b_gsm8k-aug-decoder.sh:7-44.
+SIMCOT_COCONUT = {"cot": {"lr": 1e-4, "weight_decay": 0.01, "batch": 16 * 1 * 8, "checkpoint": 20},
+                  "coconut": {"num_epochs": 25, "batch": 8 * 2 * 8},
+                  "simcot": {"num_epochs": 35, "batch": 8 * 1 * 8, "seed": 0},
+                  "both": {"c_thought": 2, "epochs_per_stage": 3, "max_latent_stage": 5, "pad_latent_to_max": True,
+                           "uniform_prob": 0.0, "resume": 3, "lr": 1e-4, "weight_decay": 0.01, "bf16": False}}
+SIMCOT_CODI = {"model": "Llama-3.2-1B-Instruct", "bs": 64, "ga": 2, "epochs": 10, "lr": 8e-4, "max_grad_norm": 2.0,
+               "lora_r": 128, "lora_alpha": 32, "weight_decay": 0.1, "warmup_ratio": 0.03, "num_latent": 6,
+               "prj_dim": 2048, "prj_dropout": 0.0, "distill_loss_factor": 20.0, "max_token_num": 200, "seed": 11}
+
+
+def test_the_coconut_simcot_recipe_follows_the_forks_configs():
+    recipe = str(RECIPES / "coconut_simcot_gpt2_gsm8k.yaml")
+    assert load_methods(recipe) == ["coconut", "coconut_simcot"]
+    teacher = load_stage_config("teacher", recipe)
+    cot = SIMCOT_COCONUT["cot"]
+    assert (teacher.train.lr, teacher.train.weight_decay, teacher.train.batch_size) == (cot["lr"], cot["weight_decay"],
+                                                                                        cot["batch"])
+    assert teacher.train.export_each_epoch and teacher.train.epochs >= cot["checkpoint"]
+    both = SIMCOT_COCONUT["both"]
+    for stage, run in (("coconut", "coconut"), ("coconut_simcot", "simcot")):
+        config = load_stage_config(stage, recipe)
+        options, train = config.coconut, config.train
+        assert config.model.name_or_path == "models/gpt2" and options.start == "teacher"
+        assert config.inputs.start.export == ExportChoice("epoch", cot["checkpoint"])
+        assert (options.thoughts_per_step, options.epochs_per_stage, options.max_latent_stage) == (
+            both["c_thought"], both["epochs_per_stage"], both["max_latent_stage"])
+        assert options.pad_latent_to_max is both["pad_latent_to_max"] and options.uniform_prob == both["uniform_prob"]
+        assert options.epoch_offset == both["resume"] and options.reset_optimizer == "epoch"
+        assert train.epochs == SIMCOT_COCONUT[run]["num_epochs"] - both["resume"] and train.max_steps is None
+        assert train.batch_size == SIMCOT_COCONUT[run]["batch"]
+        assert (train.lr, train.weight_decay, train.precision) == (both["lr"], both["weight_decay"], "fp32")
+        assert (train.schedule, train.warmup_steps, train.grad_clip) == ("constant", 0, 0.0)
+        assert config.data.steps == "auto" and config.data.test == "data/gsm8k/test.txt"
+    simcot = load_stage_config("coconut_simcot", recipe)
+    assert simcot.train.seed == SIMCOT_COCONUT["simcot"]["seed"]
+    # coconut.py:782-793, run.py:120-122: weight 1.0, a fresh pretrained decoder in eval mode, a sum per row.
+    options = simcot.coconut_simcot
+    assert (options.weight, options.decoder_start, options.decoder_dropout, options.reduction) == (1.0, "base", 0.0,
+                                                                                                   "row")
+    assert "--inputs.start.dir=runs/coconut_simcot_gpt2_gsm8k/coconut" in Path(recipe).read_text()
+
+
+def test_the_codi_simcot_recipe_follows_the_forks_script():
+    recipe = str(RECIPES / "codi_simcot_llama3_1b_gsm8k.yaml")
+    assert load_methods(recipe) == ["codi", "codi_simcot"]
+    script = SIMCOT_CODI
+    config = load_stage_config("codi_simcot", recipe)
+    options, train = config.codi, config.train
+    assert config.model.name_or_path == f"models/{script['model']}" and options.start == "base"
+    assert train.batch_size == script["bs"] * script["ga"] and train.micro_batch_size == script["bs"]
+    assert (train.epochs, train.lr, train.max_steps, train.seed) == (script["epochs"], script["lr"], None, script["seed"])
+    assert (train.schedule, train.warmup_ratio, train.weight_decay, train.grad_clip) == (
+        "cosine", script["warmup_ratio"], script["weight_decay"], script["max_grad_norm"])
+    assert train.precision == "bf16" and train.zero_stage == 3
+    assert (options.latents, options.projection_dim, options.projection_dropout) == (
+        script["num_latent"], script["prj_dim"], script["prj_dropout"])
+    assert (options.lora_r, options.lora_alpha, options.lora_dropout) == (script["lora_r"], script["lora_alpha"], 0.1)
+    assert options.distill_weight == script["distill_loss_factor"] and options.distill_div_std
+    assert not options.include_last_step and config.data.max_length == script["max_token_num"]
+    # model.py:116, 326-334, 734-748: explain_loss_factor 1.0, a fresh copy of the model, a token mean per slot;
+    # the fork's cut of the targets to the first row is an option, off (the paper's intent).
+    supervision = config.codi_simcot
+    assert (supervision.weight, supervision.decoder_start, supervision.reduction) == (1.0, "base", "token")
+    assert not supervision.truncate_to_first_row and "truncate_to_first_row: true" in Path(recipe).read_text()
+    # The CODI row beside it: CODI's own script's 32 x 4, the same global batch.
+    codi = load_stage_config("codi", recipe)
+    assert (codi.train.batch_size, codi.train.micro_batch_size) == (128, 32) and codi.codi == options
+
+
+def test_the_simcot_cpu_recipe_runs_each_method_beside_its_plain_one():
+    recipe = str(RECIPES / "demo_simcot.yaml")
+    assert load_methods(recipe) == ["coconut", "coconut_simcot", "codi", "codi_simcot"]
+    assert registry.get_method("coconut_simcot").demo == registry.get_method("codi_simcot").demo == "demo_simcot.yaml"
+    for plain in ("coconut", "codi"):
+        ours, theirs = load_stage_config(f"{plain}_simcot", recipe), load_stage_config(plain, recipe)
+        assert getattr(ours, plain) == getattr(theirs, plain) and ours.train == theirs.train

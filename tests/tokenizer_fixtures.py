@@ -44,6 +44,14 @@ def split_line(line: str) -> tuple[str, str, str]:
     return example.question, example.cot, example.answer
 
 
+def split_steps(cot: str) -> list[str]:
+    """The text of each step of a CoT (`icot.data.steps`, rule auto)."""
+    from icot.data.steps import step_char_starts
+
+    chars = step_char_starts(cot)
+    return [cot[a:b].strip() for a, b in zip(chars, chars[1:] + [len(cot)])]
+
+
 def line_segments(lines: Sequence[str]) -> list[str]:
     """Question, CoT and answer texts of every line, in order: what tokenizers are trained on."""
     return [segment for line in lines for segment in split_line(line)]

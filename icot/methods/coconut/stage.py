@@ -95,10 +95,13 @@ class CoconutStage(Stage):
         return {"cot": to_device(batch, self.strategy.device)}
 
     def loss(self, model, batch):
+        return shifted_lm_metrics(self.thought_pass(model, batch).logits, batch["cot"]["labels"])
+
+    def thought_pass(self, model, batch):
+        """The multi-pass forward over the stage sequences (its thoughts filled in `inputs_embeds`)."""
         cot = batch["cot"]
-        output = thought_forward(model, cot["input_ids"], cot["attention_mask"], cot["position_ids"], self.tokens.latent,
-                                 passes=most_thoughts(self.schedule.stage, self.options))
-        return shifted_lm_metrics(output.logits, cot["labels"])
+        return thought_forward(model, cot["input_ids"], cot["attention_mask"], cot["position_ids"], self.tokens.latent,
+                               passes=most_thoughts(self.schedule.stage, self.options))
 
     # -- validation --------------------------------------------------------------------------------
     def selection_score(self, validation):

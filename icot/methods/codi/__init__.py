@@ -14,12 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from icot.config import option
+from icot.config import dropout_probability, option
 from icot.registry import Method, Mode, StageSpec, register
-
-
-def _probability(value: float) -> str | None:
-    return None if value < 1.0 else "expected a dropout probability in [0, 1)"
 
 
 @dataclass
@@ -32,8 +28,8 @@ class CodiConfig:
                                              "num_latent, and inf_latent_iterations at inference)")
     projection_dim: int = option(768, minimum=1, help="the projection's inner width (prj_dim): Dropout, Linear(d, "
                                                       "this), GELU, Linear(this, d), LayerNorm(d)")
-    projection_dropout: float = option(0.0, minimum=0.0, check=_probability, help="the projection's dropout "
-                                                                                  "(prj_dropout)")
+    projection_dropout: float = option(0.0, minimum=0.0, check=dropout_probability,
+                                       help="the projection's dropout (prj_dropout)")
     projection_norm: bool = option(True, help="end the projection with LayerNorm (false: the reference's "
                                               "prj_no_ln)")
     include_last_step: bool = option(False, help="keep the CoT's last step in the teacher sequence (the reference "
@@ -67,7 +63,7 @@ class CodiConfig:
     lora_r: int = option(128, minimum=1, help="LoRA rank")
     lora_alpha: float = option(32.0, above=0.0, help="LoRA alpha (scaling alpha / r; 0 would silence the "
                                                      "adapters)")
-    lora_dropout: float = option(0.1, minimum=0.0, check=_probability,
+    lora_dropout: float = option(0.1, minimum=0.0, check=dropout_probability,
                                  help="LoRA dropout (the reference hard-codes 0.1 whatever its argument says)")
     lora_targets: list[str] = option(factory=list, help="the modules that get adapters; empty: per family, as the "
                                                         "reference (GPT-2 c_attn, c_proj, c_fc; Llama-class q, k, "

@@ -59,12 +59,20 @@ def distillation_loss(student_states, student_columns: torch.Tensor, teacher_sta
     return total / len(student_states)
 
 
-def codi_loss(model, batch: dict, options, latent_id: int) -> dict[str, torch.Tensor]:
-    """The step's loss and its parts from a `collate_codi` batch (see the module docstring)."""
+def student_pass(model, student: dict, options, latent_id: int):
+    """The student row's multi-pass forward (its thoughts filled in `inputs_embeds`; the last call's hidden
+    states of every layer)."""
+    return thought_forward(model, student["input_ids"], student["attention_mask"], student["position_ids"],
+                           latent_id, passes=options.latents, feedback=unwrap(model).projection,
+                           later_mask=student.get("later_mask"), hidden_states=True)
+
+
+def codi_loss(model, batch: dict, options, latent_id: int, output=None) -> dict[str, torch.Tensor]:
+    """The step's loss and its parts from a `collate_codi` batch (see the module docstring); `output`: the
+    student's `student_pass`, where the caller ran it."""
     student, teacher = batch["student"], batch["teacher"]
-    output = thought_forward(model, student["input_ids"], student["attention_mask"], student["position_ids"],
-                             latent_id, passes=options.latents, feedback=unwrap(model).projection,
-                             later_mask=student.get("later_mask"), hidden_states=True)
+    if output is None:
+        output = student_pass(model, student, options, latent_id)
     metrics = shifted_lm_metrics(output.logits, student["labels"])
     inputs = {key: teacher[key] for key in ("input_ids", "attention_mask", "position_ids")}
     if options.teacher_passes == 2:
