@@ -149,15 +149,16 @@ class Trainer:
         self.best_score: float | None = None    # the best validation so far (train.export_best)
         self.last_validation: dict[str, float] | None = None
         self.writer = None
-        self.model_flops = None   # icot.flops.ModelFlops of the trained model, and the device's peak (set up)
-        self.peak_flops: float | None = None
+        self.peak_flops: float | None = None   # the device's, for MFU (set up)
         self._epoch_order: tuple[int, np.ndarray] | None = None   # (epoch, batch_order): one permutation per epoch
 
     # -- set up ----------------------------------------------------------------------------------
     def setup(self, model: torch.nn.Module, plan) -> None:
         """The engine, then the checkpoint `plan` names (an `icot.resume.ResumePlan`), then TensorBoard."""
         self.engine = self.strategy.prepare_trainable(model, total_steps=self.steps)
-        self.count_flops()
+        from icot.flops import peak_flops
+
+        self.peak_flops = peak_flops(self.strategy.device, self.train_cfg.precision, self.train_cfg.peak_tflops)
         for line in plan.describe():
             self.log(line)
         if plan.checkpoint is not None:
@@ -169,12 +170,6 @@ class Trainer:
             # One writer, fixed folder; purge_step drops events an interrupted run wrote past its checkpoint
             # (all of them when this run starts from step 0).
             self.writer = SummaryWriter(str(self.paths.tb), purge_step=self.progress.step + 1)
-
-    def count_flops(self) -> None:
-        from icot.flops import ModelFlops, peak_flops
-
-        self.model_flops = ModelFlops.of_model(getattr(self.engine, "module", self.engine))
-        self.peak_flops = peak_flops(self.strategy.device, self.train_cfg.precision, self.train_cfg.peak_tflops)
 
     def resume(self, plan) -> None:
         checkpoint = plan.checkpoint
@@ -264,7 +259,7 @@ class Trainer:
         indices = micro_batch_indices(global_batch, self.micro, self.accumulation, self.strategy.world_size,
                                       self.strategy.rank)
         sums: dict[str, float] = {}
-        tokens = squared_lengths = 0
+        tokens, flops = 0, 0.0
         lr = self.strategy.current_lr(self.engine)  # the rate this step uses (the scheduler moves on after it)
         for micro_indices in indices:
             features = examples_at(self.train_set, micro_indices)
@@ -275,8 +270,8 @@ class Trainer:
             info = self.strategy.backward_step(self.engine, metrics["loss"])
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + float(value.detach())
-            counted = self.stage.trained_tokens(batch)
-            tokens, squared_lengths = tokens + counted[0], squared_lengths + counted[1]
+            tokens += self.stage.trained_tokens(batch)[0]
+            flops += self.stage.batch_flops(self.engine, batch)
         record = self.strategy.all_reduce_mean({k: v / len(indices) for k, v in sums.items()})
         if "label_tokens" in record:
             record["token_accuracy"] = record.pop("correct_tokens") / max(record.pop("label_tokens"), 1e-9)
@@ -290,10 +285,9 @@ class Trainer:
             record["grad_norm"] = float(info.grad_norm)
         self.progress.step += 1
         self.progress.examples += self.train_cfg.batch_size
-        totals = self.strategy.all_reduce_sum({"tokens": float(tokens), "squares": float(squared_lengths)})
+        totals = self.strategy.all_reduce_sum({"tokens": float(tokens), "flops": flops})
         self.progress.tokens += int(totals["tokens"])
-        if self.model_flops is not None:
-            self.progress.model_flops += self.model_flops.step_flops(totals["tokens"], totals["squares"])
+        self.progress.model_flops += totals["flops"]
         return record
 
     def epoch_order(self, step: int) -> np.ndarray:

@@ -171,6 +171,17 @@ class Stage(ABC):
         views = getattr(self, "trained_views", None)
         return row_lengths(batch if views is None else {view: batch[view] for view in views})
 
+    def batch_flops(self, model: nn.Module, batch: dict) -> float:
+        """Forward + backward model FLOPs of one collated batch (`icot.flops`): every trained decoder of
+        `model` over the tokens `trained_tokens` counts. A stage whose decoders read different rows says
+        which reads what."""
+        from icot.flops import ModelFlops
+
+        module = unwrap(model)
+        if getattr(self, "_flops_of", (None,))[0] is not module:   # counted once per model
+            self._flops_of = (module, ModelFlops.of_model(module))
+        return self._flops_of[1].step_flops(*self.trained_tokens(batch))
+
     def collate_view(self, features: Sequence[dict], view: str) -> dict[str, torch.Tensor]:
         """The right-padded batch of one view, on the strategy's device."""
         return to_device(collate_train(features, view, self.separator_id), self.strategy.device)

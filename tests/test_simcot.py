@@ -484,3 +484,22 @@ def test_compare_lists_coconut_and_codi_with_and_without_simcot(ws):
     table = (ws / "compared/compare.md").read_text()
     assert "| coconut_simcot | Coconut + SIM-CoT |" in table and "| codi_simcot | CODI + SIM-CoT |" in table
     print(table)
+
+
+def test_the_step_decoder_counts_its_own_rows_in_the_model_flops():
+    """Tokens/s counts the method's rows; the FLOPs add the step decoder's work over its own rows
+    (thought vectors + step), not the method's (icot.flops)."""
+    from icot.flops import DecoderFlops
+
+    built, features, _ = word_stage(CoconutSimCotStage, "coconut_simcot", "--coconut.thoughts_per_step=2",
+                                    "--coconut.max_latent_stage=3")
+    built.schedule.stage = 2
+    model = supervised_coconut(len(built.tokenizer))
+    batch = built.collate(features)
+    counts = DecoderFlops.of_config(model.model.config)   # both are the same tiny GPT-2
+    method_rows = batch["cot"]["attention_mask"].sum(dim=1).tolist()
+    step_rows = batch["steps"]["attention_mask"].sum(dim=1).tolist()
+    assert built.trained_tokens(batch) == (sum(method_rows), sum(t * t for t in method_rows))
+    by_hand = sum(6 * counts.matmul_parameters * t + 12 * counts.layers * counts.attention_width * t * t
+                  for t in method_rows + step_rows)
+    assert built.batch_flops(model, batch) == by_hand

@@ -71,6 +71,18 @@ class StepSupervision(ABC):
         batch["steps"] = to_device(steps, self.strategy.device)
         return batch
 
+    def trained_tokens(self, batch):
+        """The method's rows (tokens/s); the step decoder's rows count in `batch_flops`."""
+        return super().trained_tokens({key: part for key, part in batch.items() if key != "steps"})
+
+    def batch_flops(self, model, batch):
+        from icot.flops import DecoderFlops, ModelFlops, row_lengths
+
+        wrapper = unwrap(model)
+        method = ModelFlops.of_model(wrapper.model).step_flops(*self.trained_tokens(batch))
+        return method + DecoderFlops.of_config(wrapper.step_decoder.config).step_flops(
+            *row_lengths({"steps": batch["steps"]}))
+
     def loss(self, model, batch):
         metrics, states = self.supervised_pass(model, batch)
         step = step_decoder_loss(unwrap(model), states, batch["steps"], self.supervision.reduction)
