@@ -14,7 +14,9 @@ lookups, biases and norms. MFU = these FLOPs per second per device / the device'
 at the training precision. Activation recomputation (checkpointing) is not counted: it is work the
 hardware does beyond the model's (that would be hardware FLOPs utilization). Frozen models that only
 supply targets (a teacher's states) are not counted either: the figure is the trained model's.
-A LoRA run (CODI) is counted as 6 N although only the adapters' weight gradients are computed.
+A frozen matmul weight inside a trained decoder (a LoRA run's base, CODI) has no weight gradient: its
+backward costs 2 FLOPs a multiply-add, not 4, so such a decoder counts (6 N - 2 F) t, F its frozen
+matmul weights.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class DecoderFlops:
     matmul_parameters: int   # N
     layers: int              # L
     attention_width: int     # A: heads x head size
+    frozen_parameters: int = 0   # F: matmul weights without a gradient (no weight-gradient FLOPs)
 
     @classmethod
     def of_config(cls, config) -> "DecoderFlops":
@@ -79,16 +82,17 @@ class DecoderFlops:
     def step_flops(self, tokens: float, squared_lengths: float) -> float:
         """Forward + backward FLOPs over rows of `tokens` tokens in all, whose lengths' squares sum to
         `squared_lengths`."""
-        return 6 * self.matmul_parameters * tokens + 12 * self.layers * self.attention_width * squared_lengths
+        return ((6 * self.matmul_parameters - 2 * self.frozen_parameters) * tokens
+                + 12 * self.layers * self.attention_width * squared_lengths)
 
     def per_token(self, length: int) -> float:
         """Forward + backward FLOPs per token of a row of `length` tokens."""
         return self.step_flops(length, length * length) / length
 
 
-def trained_decoders(model: nn.Module) -> list:
-    """The configs of the Hugging Face decoders inside `model` that train (outermost ones only: a causal
-    LM, not also its base model)."""
+def trained_decoders(model: nn.Module) -> list[nn.Module]:
+    """The Hugging Face decoders inside `model` that train (outermost ones only: a causal LM, not also its
+    base model)."""
     from transformers import PreTrainedModel
 
     found, inside = [], set()
@@ -97,8 +101,17 @@ def trained_decoders(model: nn.Module) -> list:
             continue
         inside.update(id(sub) for sub in module.modules())
         if any(p.requires_grad for p in module.parameters()):
-            found.append(module.config)
+            found.append(module)
     return found
+
+
+def frozen_matmul_weights(decoder: nn.Module) -> int:
+    """The weights of the decoder's matmuls (nn.Linear, GPT-2's Conv1D) that take no gradient; a ZeRO-3
+    partitioned weight counts by its full size."""
+    from transformers.pytorch_utils import Conv1D
+
+    return sum(getattr(module.weight, "ds_numel", module.weight.numel()) for module in decoder.modules()
+               if isinstance(module, (nn.Linear, Conv1D)) and not module.weight.requires_grad)
 
 
 @dataclass(frozen=True)
@@ -109,7 +122,12 @@ class ModelFlops:
 
     @classmethod
     def of_model(cls, model: nn.Module) -> "ModelFlops":
-        return cls(tuple(DecoderFlops.of_config(config) for config in trained_decoders(model)))
+        decoders = []
+        for decoder in trained_decoders(model):
+            counts = DecoderFlops.of_config(decoder.config)
+            frozen = min(frozen_matmul_weights(decoder), counts.matmul_parameters)
+            decoders.append(DecoderFlops(counts.matmul_parameters, counts.layers, counts.attention_width, frozen))
+        return cls(tuple(decoders))
 
     def step_flops(self, tokens: float, squared_lengths: float) -> float:
         return sum(decoder.step_flops(tokens, squared_lengths) for decoder in self.decoders)

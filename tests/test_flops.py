@@ -66,6 +66,25 @@ def test_only_trained_decoders_count():
     assert ModelFlops.of_model(pair).decoders == (DecoderFlops.of_config(config),)
 
 
+def test_frozen_matmul_weights_of_a_trained_decoder_have_no_weight_gradient_flops():
+    """A LoRA-style run: the base's matmuls frozen, a little trained. Their backward computes the
+    activations' gradient only: (6 N - 2 F) per token, F the frozen matmul weights."""
+    from transformers.pytorch_utils import Conv1D
+
+    from icot.models.decoder import build_decoder, decoder_config
+
+    config = decoder_config("gpt2", vocab_size=50, layers=2, hidden=16, heads=2, max_positions=32)
+    decoder = build_decoder(config)
+    decoder.requires_grad_(False)
+    decoder.transformer.h[1].mlp.c_fc.requires_grad_(True)   # the one trained matmul
+    frozen = sum(m.weight.numel() for m in decoder.modules()
+                 if isinstance(m, (nn.Linear, Conv1D)) and m is not decoder.transformer.h[1].mlp.c_fc)
+    (counts,) = ModelFlops.of_model(decoder).decoders
+    full = DecoderFlops.of_config(config)
+    assert counts.frozen_parameters == frozen and frozen == full.matmul_parameters - 16 * 64
+    assert counts.step_flops(10, 100) == full.step_flops(10, 100) - 2 * frozen * 10
+
+
 @pytest.mark.parametrize("name, precision, tflops", [
     ("NVIDIA H100 80GB HBM3", "bf16", 989.4), ("NVIDIA H100 PCIe", "bf16", 756.0), ("NVIDIA H200", "fp16", 989.4),
     ("NVIDIA A100-SXM4-80GB", "bf16", 312.0), ("NVIDIA A100-SXM4-80GB", "fp32", 19.5), ("NVIDIA L40S", "bf16", 362.05),

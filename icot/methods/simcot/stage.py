@@ -76,12 +76,11 @@ class StepSupervision(ABC):
         return super().trained_tokens({key: part for key, part in batch.items() if key != "steps"})
 
     def batch_flops(self, model, batch):
-        from icot.flops import DecoderFlops, ModelFlops, row_lengths
+        from icot.flops import ModelFlops, row_lengths
 
         wrapper = unwrap(model)
         method = ModelFlops.of_model(wrapper.model).step_flops(*self.trained_tokens(batch))
-        return method + DecoderFlops.of_config(wrapper.step_decoder.config).step_flops(
-            *row_lengths({"steps": batch["steps"]}))
+        return method + ModelFlops.of_model(wrapper.step_decoder).step_flops(*row_lengths({"steps": batch["steps"]}))
 
     def loss(self, model, batch):
         metrics, states = self.supervised_pass(model, batch)
