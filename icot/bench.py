@@ -520,7 +520,8 @@ def measure_training(shape: Shape, task: Task, batch_size: int, steps: int, warm
             strategy.backward_step(trainer.engine, metrics["loss"])
 
         def trainer_step(batch):
-            trainer.optimizer_step()
+            _, tokens, flops = trainer.optimizer_step()
+            trainer.progress.add_step(batch_size, tokens, flops, 0.0)   # the next step takes the next batch
 
         def hand_step(batch):
             output = hand_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

@@ -44,6 +44,13 @@ class Progress:
     step_seconds: float = 0.0   # the part of it spent in optimizer steps
     model_flops: float = 0.0    # the trained model's forward + backward FLOPs (all ranks; icot.flops)
 
+    def add_step(self, examples: int, tokens: int, flops: float, seconds: float) -> None:
+        self.step += 1
+        self.examples += examples
+        self.tokens += tokens
+        self.model_flops += flops
+        self.step_seconds += seconds
+
     def throughput(self, world_size: int, peak_flops: float | None) -> dict:
         """tokens/s, samples/s, model TFLOPS per device and MFU over the optimizer steps so far."""
         return throughput(self.tokens, self.examples, self.model_flops, self.step_seconds, world_size, peak_flops)
@@ -210,11 +217,11 @@ class Trainer:
         # The bar is closed on every way out, so that an error message starts on a line of its own.
         with bar:
             while self.progress.step < self.steps:
-                before, started = Progress(**asdict(self.progress)), time.perf_counter()
-                record = self.optimizer_step()
-                self.progress.step_seconds += time.perf_counter() - started
-                for key in ("examples", "tokens", "step_seconds", "model_flops"):
-                    setattr(window, key, getattr(window, key) + getattr(self.progress, key) - getattr(before, key))
+                started = time.perf_counter()
+                record, tokens, flops = self.optimizer_step()
+                seconds = time.perf_counter() - started
+                for progress in (self.progress, window):
+                    progress.add_step(self.train_cfg.batch_size, tokens, flops, seconds)
                 step = self.progress.step
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
@@ -246,8 +253,9 @@ class Trainer:
         self.save_checkpoint()
         return "done"
 
-    def optimizer_step(self) -> dict[str, float]:
-        """One optimizer step over this rank's micro batches; returns the all-reduced record."""
+    def optimizer_step(self) -> tuple[dict[str, float], int, float]:
+        """One optimizer step over this rank's micro batches; returns the all-reduced record, and the step's
+        tokens through the trained model and its model FLOPs (all ranks). The caller counts the step."""
         step = self.progress.step
         global_batch = self.epoch_order(step)[step % self.steps_per_epoch]
         update = self.stage.on_step(StepContext(step, step // self.steps_per_epoch, self.steps_per_epoch, global_batch,
@@ -283,12 +291,8 @@ class Trainer:
         record.update(update.scalars)
         if info.grad_norm is not None:
             record["grad_norm"] = float(info.grad_norm)
-        self.progress.step += 1
-        self.progress.examples += self.train_cfg.batch_size
         totals = self.strategy.all_reduce_sum({"tokens": float(tokens), "flops": flops})
-        self.progress.tokens += int(totals["tokens"])
-        self.progress.model_flops += totals["flops"]
-        return record
+        return record, int(totals["tokens"]), totals["flops"]
 
     def epoch_order(self, step: int) -> np.ndarray:
         """The batch order of the epoch `step` is in, computed once per epoch (permuting the paper's 808k

@@ -86,6 +86,7 @@ class Stage(ABC):
         self.strategy = strategy
         self.tokenizer = tokenizer
         self.separator_id = tokenizer.eos_token_id
+        self._model_flops: dict[int, object] = {}   # id(module) -> icot.flops.ModelFlops (see `model_flops`)
 
     @property
     def name(self) -> str:
@@ -175,12 +176,16 @@ class Stage(ABC):
         """Forward + backward model FLOPs of one collated batch (`icot.flops`): every trained decoder of
         `model` over the tokens `trained_tokens` counts. A stage whose decoders read different rows says
         which reads what."""
+        return self.model_flops(unwrap(model)).step_flops(*self.trained_tokens(batch))
+
+    def model_flops(self, module: nn.Module):
+        """`icot.flops.ModelFlops` of a module's trained decoders, counted once per module (every step
+        reads it; counting walks the module)."""
         from icot.flops import ModelFlops
 
-        module = unwrap(model)
-        if getattr(self, "_flops_of", (None,))[0] is not module:   # counted once per model
-            self._flops_of = (module, ModelFlops.of_model(module))
-        return self._flops_of[1].step_flops(*self.trained_tokens(batch))
+        if id(module) not in self._model_flops:
+            self._model_flops[id(module)] = ModelFlops.of_model(module)
+        return self._model_flops[id(module)]
 
     def collate_view(self, features: Sequence[dict], view: str) -> dict[str, torch.Tensor]:
         """The right-padded batch of one view, on the strategy's device."""

@@ -199,19 +199,18 @@ def generate_with_thoughts(model, batch: dict[str, torch.Tensor], latent_id: int
     def prompt_pass(cache=None):
         output = thought_forward(model, batch["input_ids"], batch["attention_mask"], positions, latent_id,
                                  use_cache=True, feedback=feedback, later_mask=later, cache=cache)
-        return output, output.logits[:, -1], mask
+        return output.logits[:, -1], mask, output.cache
 
     if check_decoding(decoding, synced) != "eager":
-        tokens = static_greedy(unwrap(model), lambda cache: prompt_pass(cache)[1:], positions.size(1), positions[:, -1],
+        tokens = static_greedy(unwrap(model), lambda cache: prompt_pass(cache)[:2], positions.size(1), positions[:, -1],
                                separator_id, separators, max_new_tokens, suppress, synced, decoding == "compiled")
         return truncate_after_separators(tokens, separator_id, separators)
-    output, logits, _ = prompt_pass()
-    cache, grown = output.cache, [mask]
-    ones = mask.new_ones((mask.size(0), 1))
+    logits, _, cache = prompt_pass()
+    ones = mask.new_ones((mask.size(0), max_new_tokens))
 
     def next_logits(token: torch.Tensor, step: int) -> torch.Tensor:
-        grown[0] = torch.cat((grown[0], ones), dim=1)
-        return model(input_ids=token[:, None], attention_mask=grown[0], position_ids=positions[:, -1:] + step + 1,
+        step_mask = torch.cat((mask, ones[:, :step + 1]), dim=1)   # the prompt's, then the tokens fed so far
+        return model(input_ids=token[:, None], attention_mask=step_mask, position_ids=positions[:, -1:] + step + 1,
                      cache=cache, use_cache=True).logits[:, -1]
 
     tokens = greedy_loop(logits, next_logits, separator_id, separators, max_new_tokens, suppress, synced)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from icot.config import dropout_probability, option
-from icot.methods.simcot import StepSupervisionConfig
+from icot.methods.simcot import StepSupervisionConfig, reduction_option
 from icot.registry import Method, Mode, StageSpec, register
 
 
@@ -27,10 +27,7 @@ class CodiSimCotConfig(StepSupervisionConfig):
     decoder_dropout: float = option(0.1, minimum=0.0, check=dropout_probability,
                                     help="the auxiliary decoder's dropout (the CODI fork trains it in train "
                                          "mode: GPT-2's 0.1)")
-    reduction: Literal["row", "token"] = option(
-        "token", help="each thought slot's loss: token (the mean over the slot's tokens: the CODI fork's) or row "
-                      "(the step's token cross-entropies summed, averaged over the rows: the Coconut fork's); the "
-                      "step loss is the mean over the slots that hold a target")
+    reduction: Literal["row", "token"] = reduction_option("token")
     truncate_to_first_row: bool = option(
         False, help="cut every row's target in a slot to the first row's length + 1 (1 where the first row has "
                     "none), as the CODI fork does by a bug (METHODS.md 4.6.2), to match its checkpoints; off: each "

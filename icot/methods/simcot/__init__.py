@@ -24,6 +24,13 @@ from typing import Literal
 from icot.config import dropout_probability, option
 
 
+def reduction_option(default: str):
+    """`reduction`, with each fork's default (the Coconut fork: row; the CODI fork: token)."""
+    return option(default, help="each thought slot's loss: row (the step's token cross-entropies summed, averaged "
+                                "over the rows: the Coconut fork's) or token (the mean over the slot's tokens: the "
+                                "CODI fork's); the step loss is the mean over the slots that hold a target")
+
+
 @dataclass
 class StepSupervisionConfig:
     """The options both SIM-CoT methods have (each method's section sets its fork's defaults)."""
@@ -36,7 +43,4 @@ class StepSupervisionConfig:
                      "both forks load it; a decoder from scratch of the model section's shape without one) or "
                      "start (the weights the method starts from, e.g. the shared teacher's export)")
     decoder_dropout: float = option(0.0, minimum=0.0, check=dropout_probability, help="the auxiliary decoder's dropout")
-    reduction: Literal["row", "token"] = option(
-        "row", help="each thought slot's loss: row (the step's token cross-entropies summed, averaged over the "
-                    "rows: the Coconut fork's) or token (the mean over the slot's tokens: the CODI fork's); the "
-                    "step loss is the mean over the slots that hold a target")
+    reduction: Literal["row", "token"] = reduction_option("row")

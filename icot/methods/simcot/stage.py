@@ -76,11 +76,11 @@ class StepSupervision(ABC):
         return super().trained_tokens({key: part for key, part in batch.items() if key != "steps"})
 
     def batch_flops(self, model, batch):
-        from icot.flops import ModelFlops, row_lengths
+        from icot.flops import row_lengths
 
         wrapper = unwrap(model)
-        method = ModelFlops.of_model(wrapper.model).step_flops(*self.trained_tokens(batch))
-        return method + ModelFlops.of_model(wrapper.step_decoder).step_flops(*row_lengths({"steps": batch["steps"]}))
+        method = self.model_flops(wrapper.model).step_flops(*self.trained_tokens(batch))
+        return method + self.model_flops(wrapper.step_decoder).step_flops(*row_lengths({"steps": batch["steps"]}))
 
     def loss(self, model, batch):
         metrics, states = self.supervised_pass(model, batch)
